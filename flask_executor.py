@@ -1,0 +1,611 @@
+"""Background tasks for Flask apps, on a thread, process or gevent pool, in one module.
+
+``executor.submit(fn, *args)`` returns a :class:`concurrent.futures.Future` at once and
+runs ``fn`` with a copy of the Flask contexts it was submitted from. A rewrite of
+Flask-Executor 1.0 (MIT): code written for 1.0 keeps working. This file can be vendored.
+"""
+
+from __future__ import annotations
+
+import abc
+import collections
+import concurrent.futures
+import contextvars
+import functools
+import itertools
+import os
+import re
+import sys
+import threading
+import types
+import weakref
+from concurrent.futures import Future
+from typing import Any, Callable, Iterable, Iterator, TypeVar
+
+from flask import Flask
+from flask.globals import _cv_app
+
+__version__ = "2.0.0"
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "Config",
+    "Executor",
+    "ExecutorJob",
+    "FutureCollection",
+    "GeventBackend",
+    "ProcessBackend",
+    "ThreadBackend",
+    "register_backend",
+]
+
+T = TypeVar("T")
+Task = Callable[..., Any]
+
+
+# -- 1. Configuration --------------------------------------------------------------
+
+_TRUE = {"1", "true", "t", "yes", "y", "on"}
+_FALSE = {"0", "false", "f", "no", "n", "off"}
+
+
+class Config:
+    """One executor's keys on one app: ``NAME_EXECUTOR_*`` from app.config, else os.environ."""
+
+    def __init__(self, app: Flask, name: str) -> None:
+        self.app = app
+        self.prefix = f"{name.upper()}_" if name else ""
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The raw value of ``key`` (given unprefixed, e.g. ``'EXECUTOR_TYPE'``)."""
+        full = self.prefix + key
+        if full in self.app.config:
+            return self.app.config[full]
+        return os.environ.get(full, default)
+
+    def number(self, key: str, default: int | None) -> int | None:
+        """A whole number >= 1, or None; strings such as ``'5'`` are accepted."""
+        value = self.get(key, default)
+        if value is None or str(value).strip().lower() in ("", "none"):
+            return None
+        try:
+            number = int(str(value).strip())  # rejects floats and bools, whose str() is no int
+        except ValueError:
+            number = 0
+        if number < 1:
+            raise ValueError(
+                f"{self.prefix}{key} must be a whole number >= 1 or None, got {value!r}"
+            )
+        return number
+
+    def flag(self, key: str, default: bool) -> bool:
+        """A bool; strings such as ``'true'``, ``'0'``, ``'off'`` are accepted."""
+        value = self.get(key, default)
+        text = str(value).strip().lower()
+        if isinstance(value, bool) or text in _TRUE | _FALSE:
+            return text in _TRUE
+        raise ValueError(
+            f"{self.prefix}{key} must be a bool (true/false, 1/0, yes/no, on/off), got {value!r}"
+        )
+
+    def backend(self) -> Backend:
+        """The backend named by EXECUTOR_TYPE (or the Backend object given there)."""
+        value = self.get("EXECUTOR_TYPE", "thread")
+        if isinstance(value, Backend):
+            return value
+        backend = BACKENDS.get(str(value).strip().lower())
+        if backend is None:
+            names = ", ".join(repr(name) for name in sorted(BACKENDS))
+            raise ValueError(
+                f"{self.prefix}EXECUTOR_TYPE={value!r} is not a known executor type; "
+                f"choose one of {names}, pass a Backend object, or call register_backend()"
+            )
+        return backend
+
+
+# -- 2. Backends -------------------------------------------------------------------
+
+
+class Backend(abc.ABC):
+    """How the tasks of one EXECUTOR_TYPE run: the pool, and whether they get Flask contexts."""
+
+    #: True: each task runs inside a copy of its submitter's Flask contexts (GUIDE's table).
+    contexts = True
+
+    @abc.abstractmethod
+    def create_pool(self, max_workers: int | None, config: Config) -> concurrent.futures.Executor:
+        """Build the pool that one app's tasks run on."""
+
+    def submit(
+        self, pool: concurrent.futures.Executor, fn: Task, args: tuple[Any, ...], kwargs: Any
+    ) -> Future[Any]:
+        """Hand one task to the pool; ``fn`` is already wrapped in contexts if ``contexts``."""
+        return pool.submit(fn, *args, **kwargs)
+
+
+class ThreadBackend(Backend):
+    """Tasks on a :class:`concurrent.futures.ThreadPoolExecutor`, with Flask contexts."""
+
+    def create_pool(self, max_workers: int | None, config: Config) -> concurrent.futures.Executor:
+        prefix = f"{config.app.name}-{config.prefix}executor"
+        return concurrent.futures.ThreadPoolExecutor(max_workers, thread_name_prefix=prefix)
+
+
+class ProcessBackend(Backend):
+    """Tasks on a :class:`concurrent.futures.ProcessPoolExecutor`: no contexts, pickled calls."""
+
+    contexts = False
+
+    def create_pool(self, max_workers: int | None, config: Config) -> concurrent.futures.Executor:
+        return concurrent.futures.ProcessPoolExecutor(max_workers)
+
+    def submit(
+        self, pool: concurrent.futures.Executor, fn: Task, args: tuple[Any, ...], kwargs: Any
+    ) -> Future[Any]:
+        name = getattr(fn, "__qualname__", "")
+        if (
+            "<lambda>" in name
+            or "<locals>" in name
+            or isinstance(getattr(fn, "__self__", None), Flask)
+        ):
+            raise TypeError(_unpicklable(fn, "it is not importable by name"))
+        return pool.submit(_ProcessCall(fn, *args, **kwargs))
+
+
+class _ProcessCall(functools.partial):  # type: ignore[type-arg]
+    """A call for a worker process that, when it cannot be pickled, says which object failed."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        from multiprocessing.reduction import ForkingPickler
+
+        try:
+            payload = bytes(
+                ForkingPickler.dumps(functools.partial(self.func, *self.args, **self.keywords))
+            )
+        except Exception as exc:
+            for culprit in (self.func, *self.args, *self.keywords.values()):
+                try:
+                    ForkingPickler.dumps(culprit)
+                except Exception:
+                    break
+            raise TypeError(_unpicklable(culprit, str(exc))) from exc
+        return (ForkingPickler.loads, (payload,))
+
+
+def _unpicklable(obj: object, why: str) -> str:
+    return (
+        f"cannot send {obj!r} to a worker process ({why}): closures, lambdas and bound methods "
+        "of app objects cannot cross processes; submit a module-level function with picklable "
+        "arguments, or use EXECUTOR_TYPE='thread'"
+    )
+
+
+class GeventBackend(Backend):
+    """Tasks as greenlets in a ``gevent.pool.Pool``, for apps served by gevent."""
+
+    def create_pool(self, max_workers: int | None, config: Config) -> concurrent.futures.Executor:
+        try:
+            import gevent.pool  # noqa: F401
+        except ImportError as exc:
+            raise ImportError(
+                "EXECUTOR_TYPE='gevent' needs gevent: pip install 'flask-executor[gevent]'"
+            ) from exc
+        return _GeventExecutor(max_workers)
+
+
+class _GeventExecutor(concurrent.futures.Executor):
+    """A ``gevent.pool.Pool`` behind the Executor interface; ``submit`` never blocks."""
+
+    def __init__(self, max_workers: int | None) -> None:
+        import gevent.pool
+
+        self._pool = gevent.pool.Pool(max_workers)
+        # Tasks that found every slot busy, oldest first: a full Pool.spawn would block.
+        self._waiting: collections.deque[tuple[Any, ...]] = collections.deque()
+        self._shutdown = False
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        import gevent
+
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        future = _GeventFuture()
+        future._hub = gevent.get_hub()
+        if self._pool.full():
+            self._waiting.append((future, fn, args, kwargs))
+        else:
+            self._spawn((future, fn, args, kwargs))
+        return future
+
+    def _spawn(self, task: tuple[Any, ...]) -> None:
+        greenlet = self._pool.spawn(_run_in_future, *task)
+        if self._pool.size is not None:
+            greenlet.rawlink(self._start_next)  # runs after the pool has freed the slot
+
+    def _start_next(self, _greenlet: object) -> None:
+        if self._waiting:
+            self._spawn(self._waiting.popleft())
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._shutdown = True
+        if cancel_futures:
+            for greenlet in list(self._pool):  # spawned but not started: cancel() succeeds
+                greenlet.args[0].cancel()
+            while self._waiting:
+                self._waiting.popleft()[0].cancel()
+        while wait and (self._pool or self._waiting):
+            self._pool.join()
+
+
+def _run_in_future(future: Future[Any], fn: Task, args: tuple[Any, ...], kwargs: Any) -> None:
+    if not future.set_running_or_notify_cancel():
+        return
+    try:
+        result = fn(*args, **kwargs)
+    except BaseException as exc:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
+
+
+BACKENDS: dict[str, Backend] = {
+    "thread": ThreadBackend(),
+    "process": ProcessBackend(),
+    "gevent": GeventBackend(),
+}
+
+
+def register_backend(name: str, backend: Backend) -> None:
+    """Make ``EXECUTOR_TYPE=name`` choose ``backend``."""
+    if not isinstance(backend, Backend):
+        raise TypeError(f"register_backend() needs a Backend instance, got {backend!r}")
+    BACKENDS[name.lower()] = backend
+
+
+# -- 3. Contexts -------------------------------------------------------------------
+
+
+class _Contexts:
+    """A task's view of its submitter's contexts, captured at submit; runs it and its callbacks."""
+
+    __slots__ = ("app", "context", "g", "push")
+
+    def __init__(self, app: Flask, push: bool) -> None:
+        self.app = app
+        self.push = push
+        self.context = contextvars.copy_context()  # request, session, the caller's own variables
+        app_ctx = _cv_app.get(None)
+        self.g = dict(vars(app_ctx.g)) if push and app_ctx is not None else None
+
+    def run(self, fn: Task, /, *args: Any, **kwargs: Any) -> Any:
+        """Run the task in the captured variables (entered once: a task runs once)."""
+        return self.context.run(self._call, fn, args, kwargs)
+
+    def _call(self, fn: Task, args: tuple[Any, ...], kwargs: Any) -> Any:
+        if not self.push:
+            return fn(*args, **kwargs)
+        app_ctx = self.app.app_context()
+        if self.g:
+            vars(app_ctx.g).update(self.g)
+        with app_ctx:  # a fresh app context: teardown functions run after the task
+            return fn(*args, **kwargs)
+
+    def callback(self, fn: Callable[[Future[Any]], object]) -> Callable[[Future[Any]], None]:
+        """``fn`` run in the same contexts as the task; an exception is logged, not raised."""
+
+        def in_contexts(future: Future[Any]) -> None:
+            try:
+                self.context.copy().run(self._call, fn, (future,), {})
+            except Exception:
+                self.app.logger.exception("done-callback %r raised", fn)
+
+        return in_contexts
+
+
+class _ContextFuture(Future):  # type: ignore[type-arg]
+    """A Future whose done-callbacks run inside its task's Flask contexts."""
+
+    _contexts: _Contexts | None = None
+
+    def add_done_callback(self, fn: Callable[[Future[Any]], object]) -> None:
+        if self._contexts is not None:
+            fn = self._contexts.callback(fn)
+        super().add_done_callback(fn)
+
+
+class _GeventFuture(_ContextFuture):
+    """A Future a greenlet can wait on without blocking its hub, patched or not."""
+
+    _hub: Any = None
+
+    def _wait_cooperatively(self, timeout: float | None) -> bool:
+        import gevent
+        import gevent.event
+
+        if self.done() or gevent.get_hub() is not self._hub:
+            return False  # another thread's waits block only that thread
+        event = gevent.event.Event()
+        Future.add_done_callback(self, lambda _: event.set())
+        event.wait(timeout)
+        return True
+
+    def result(self, timeout: float | None = None) -> Any:
+        return super().result(0 if self._wait_cooperatively(timeout) else timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        return super().exception(0 if self._wait_cooperatively(timeout) else timeout)
+
+
+# -- 4. Futures --------------------------------------------------------------------
+
+
+class FutureCollection:
+    """The futures dict: keys to futures, bounded (oldest evicted first) and thread-safe.
+
+    Any Future method or attribute is forwarded by key: ``futures.done(key)``,
+    ``futures.result(key, timeout=1)``, ``futures._state(key)``; None if the key is absent.
+    """
+
+    def __init__(self, max_length: int | None = 50) -> None:
+        self.max_length = max_length
+        self._futures: collections.OrderedDict[Any, Future[Any]] = collections.OrderedDict()
+        self._lock = threading.RLock()  # guards _futures; re-entrant for tasks run inline
+
+    def add(self, future_key: Any, future: Future[Any]) -> None:
+        """Store ``future``; ValueError if ``future_key`` is taken."""
+        self._store(future_key, lambda: future)
+
+    def _store(self, future_key: Any, make: Callable[[], Future[T]]) -> Future[T]:
+        with self._lock:
+            if future_key in self._futures:
+                raise ValueError(
+                    f"future_key {future_key!r} already exists: pop it first or use another key"
+                )
+            future = self._futures[future_key] = make()
+            while self.max_length is not None and len(self._futures) > self.max_length:
+                self._futures.popitem(last=False)
+            return future
+
+    def pop(self, future_key: Any) -> Future[Any] | None:
+        """Remove and return the future stored at ``future_key``, or None."""
+        with self._lock:
+            return self._futures.pop(future_key, None)
+
+    def __len__(self) -> int:
+        return len(self._futures)
+
+    def __contains__(self, future: object) -> bool:
+        with self._lock:
+            return future in self._futures.values()
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        if name.startswith("__"):
+            raise AttributeError(name)
+
+        def by_key(future_key: Any, *args: Any, **kwargs: Any) -> Any:
+            future = self._futures.get(future_key)
+            if future is None:
+                return None
+            value = getattr(future, name)
+            return value(*args, **kwargs) if callable(value) else value
+
+        return by_key
+
+
+# -- 5. The extension --------------------------------------------------------------
+
+
+class _AppState:
+    """One app's side of an Executor: its settings, pool and futures dict."""
+
+    def __init__(self, executor: Executor, app: Flask) -> None:
+        config = Config(app, executor.name)
+        self.app = app
+        self.executor = executor
+        self.backend = config.backend()
+        max_workers = config.number("EXECUTOR_MAX_WORKERS", None)
+        max_length = config.number("EXECUTOR_FUTURES_MAX_LENGTH", 50)
+        self.propagate = config.flag("EXECUTOR_PROPAGATE_EXCEPTIONS", False)
+        self.push = config.flag("EXECUTOR_PUSH_APP_CONTEXT", True)
+        for key, value in [
+            ("EXECUTOR_TYPE", config.get("EXECUTOR_TYPE", "thread")),
+            ("EXECUTOR_MAX_WORKERS", max_workers),
+            ("EXECUTOR_FUTURES_MAX_LENGTH", max_length),
+            ("EXECUTOR_PROPAGATE_EXCEPTIONS", self.propagate),
+            ("EXECUTOR_PUSH_APP_CONTEXT", self.push),
+        ]:
+            app.config.setdefault(config.prefix + key, value)
+        self.max_workers = max_workers
+        self.config = config
+        self.pool = self.backend.create_pool(max_workers, config)
+        self.futures = FutureCollection(max_length)
+        self._pool_lock = threading.Lock()  # guards replacing a broken pool
+        self._shutdown = False
+
+    def start(self, fn: Task, args: tuple[Any, ...], kwargs: Any) -> Future[Any]:
+        """Submit one task to the pool, replacing the pool once if it is broken."""
+        if not callable(fn):
+            raise TypeError(f"submit() needs a callable, got {fn!r} ({type(fn).__name__})")
+        contexts = _Contexts(self.app, self.push)
+        if self.backend.contexts:
+            fn, args = contexts.run, (fn, *args)
+        try:
+            future = self.backend.submit(self.pool, fn, args, kwargs)
+        except concurrent.futures.BrokenExecutor:
+            future = self.backend.submit(self._replace_broken(self.pool), fn, args, kwargs)
+        if type(future) is Future:
+            future.__class__ = _ContextFuture
+        future._contexts = contexts  # type: ignore[attr-defined]
+        return future
+
+    def attach_callbacks(self, future: Future[T], fn: Task) -> Future[T]:
+        if self.propagate:
+            Future.add_done_callback(future, functools.partial(_log_failure, self.app, fn))
+        for callback in self.executor._default_callbacks:
+            future.add_done_callback(callback)
+        return future
+
+    def _replace_broken(self, broken: concurrent.futures.Executor) -> concurrent.futures.Executor:
+        with self._pool_lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            if self.pool is broken:
+                self.app.logger.warning(
+                    "executor pool is broken (a worker died); starting a new one"
+                )
+                broken.shutdown(wait=False)
+                self.pool = self.backend.create_pool(self.max_workers, self.config)
+            return self.pool
+
+    def shutdown(self, wait: bool, cancel_futures: bool) -> None:
+        with self._pool_lock:
+            self._shutdown = True
+        self.pool.shutdown(wait=wait, cancel_futures=cancel_futures)
+
+
+def _log_failure(app: Flask, fn: Task, future: Future[Any]) -> None:
+    if not future.cancelled() and (exc := future.exception()) is not None:
+        app.logger.error("background task %r raised %r", fn, exc, exc_info=exc)
+
+
+class Executor(concurrent.futures.Executor):
+    """The Flask extension: ``Executor(app)``, or ``Executor()`` then ``init_app(app)``.
+
+    ``name`` prefixes the config keys: ``Executor(name='custom')`` reads
+    ``CUSTOM_EXECUTOR_TYPE``. It is registered as ``app.extensions[name + 'executor']``.
+    """
+
+    def __init__(self, app: Flask | None = None, name: str = "") -> None:
+        if not isinstance(name, str) or not re.fullmatch(r"\w*", name):
+            raise ValueError(
+                f"Executor name {name!r} may only contain letters, digits and underscores"
+            )
+        self.name = name
+        self._key = name + "executor"  # 1.0's key; per-app state lives under _state_key
+        self._state_key = f"{__name__}:{self._key}"
+        self._apps: weakref.WeakSet[Flask] = weakref.WeakSet()
+        self._default_callbacks: list[Callable[[Future[Any]], object]] = []
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Flask) -> None:
+        """Read this executor's config from ``app`` and give ``app`` its own pool."""
+        if self._key in app.extensions:
+            raise RuntimeError(
+                f"app.extensions[{self._key!r}] is already set on app {app.name!r}: "
+                "init_app() once per app, and give each Executor its own name"
+            )
+        app.extensions[self._state_key] = _AppState(self, app)
+        app.extensions[self._key] = self
+        self._apps.add(app)
+
+    def _state(self) -> _AppState:
+        """This executor's state on ``current_app``, else on the only app it serves."""
+        app_ctx = _cv_app.get(None)
+        if app_ctx is not None:
+            state: _AppState | None = app_ctx.app.extensions.get(self._state_key)
+            if state is not None:
+                return state
+            where = f"app {app_ctx.app.name!r} (the current app)"
+        else:
+            apps = list(self._apps)
+            if len(apps) == 1:
+                return apps[0].extensions[self._state_key]  # type: ignore[no-any-return]
+            where = "any app" if not apps else f"one of {len(apps)} apps without an app context"
+        raise RuntimeError(
+            f"Executor {self.name!r} is not initialised on {where}: call "
+            "executor.init_app(app) first, or push an app context (with app.app_context():)"
+        )
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        """Run ``fn(*args, **kwargs)`` in the background; return its Future at once."""
+        state = self._state()
+        return state.attach_callbacks(state.start(fn, args, kwargs), fn)
+
+    def submit_stored(
+        self, future_key: Any, fn: Callable[..., T], /, *args: Any, **kwargs: Any
+    ) -> Future[T]:
+        """Like submit, and keep the Future in ``executor.futures`` under ``future_key``."""
+        state = self._state()
+        future = state.futures._store(future_key, lambda: state.start(fn, args, kwargs))
+        return state.attach_callbacks(future, fn)
+
+    def map(
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+    ) -> Iterator[T]:
+        """Like :meth:`concurrent.futures.Executor.map`; each call gets its own contexts."""
+        if chunksize < 1:
+            raise ValueError(f"chunksize must be >= 1, got {chunksize!r}")
+        if chunksize == 1:
+            return super().map(fn, *iterables, timeout=timeout)
+        chunks = _chunks(zip(*iterables), chunksize)
+        results = super().map(_run_chunk, itertools.repeat(fn), chunks, timeout=timeout)
+        return itertools.chain.from_iterable(results)
+
+    def job(self, fn: Callable[..., T]) -> ExecutorJob:
+        """Decorator: ``fn.submit(...)``, ``fn.submit_stored(key, ...)``, ``fn.map(...)``."""
+        return ExecutorJob(self, fn)
+
+    def add_default_done_callback(self, fn: Callable[[Future[Any]], object]) -> None:
+        """Attach ``fn`` to every Future this executor creates from now on."""
+        self._default_callbacks.append(fn)
+
+    @property
+    def futures(self) -> FutureCollection:
+        """The futures dict of ``current_app`` (else of the only app)."""
+        return self._state().futures
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Shut down the pool of every app this executor serves; later submits raise."""
+        for app in list(self._apps):
+            app.extensions[self._state_key].shutdown(wait, cancel_futures)
+
+
+def _chunks(items: Iterator[tuple[Any, ...]], size: int) -> Iterator[list[tuple[Any, ...]]]:
+    while chunk := list(itertools.islice(items, size)):
+        yield chunk
+
+
+def _run_chunk(fn: Task, chunk: list[tuple[Any, ...]]) -> list[Any]:
+    return [fn(*args) for args in chunk]
+
+
+class ExecutorJob:
+    """What ``@executor.job`` returns: call it to run now, or submit/map it in the background."""
+
+    def __init__(self, executor: Executor, fn: Task) -> None:
+        self.executor = executor
+        self.fn = fn
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def __reduce__(self) -> str:
+        return str(vars(self)["__qualname__"])  # pickled by name: a worker process imports it
+
+    def submit(self, *args: Any, **kwargs: Any) -> Future[Any]:
+        return self.executor.submit(self, *args, **kwargs)
+
+    def submit_stored(self, future_key: Any, *args: Any, **kwargs: Any) -> Future[Any]:
+        return self.executor.submit_stored(future_key, self, *args, **kwargs)
+
+    def map(self, *iterables: Iterable[Any], **kwargs: Any) -> Iterator[Any]:
+        return self.executor.map(self, *iterables, **kwargs)
+
+
+# -- 6. 1.0 import paths: flask_executor.executor and flask_executor.futures ----------
+
+for _name, _names in [
+    ("executor", {"Executor": Executor, "ExecutorJob": ExecutorJob}),
+    ("futures", {"FutureCollection": FutureCollection, "Future": Future}),
+]:
+    _module = types.ModuleType(f"{__name__}.{_name}")
+    vars(_module).update(_names)
+    sys.modules.setdefault(_module.__name__, _module)
+    globals()[_name] = sys.modules[_module.__name__]
+del _name, _names, _module
