@@ -143,12 +143,10 @@ class ProcessBackend(Backend):
         self, pool: concurrent.futures.Executor, fn: Task, args: tuple[Any, ...], kwargs: Any
     ) -> Future[Any]:
         name = getattr(fn, "__qualname__", "")
-        if (
-            "<lambda>" in name
-            or "<locals>" in name
-            or isinstance(getattr(fn, "__self__", None), Flask)
-        ):
-            raise TypeError(_unpicklable(fn, "it is not importable by name"))
+        if "<lambda>" in name or "<locals>" in name:
+            raise TypeError(_unpicklable(fn, "a lambda or nested function has no importable name"))
+        if isinstance(getattr(fn, "__self__", None), Flask):
+            raise TypeError(_unpicklable(fn, "it is a bound method of the Flask app"))
         return pool.submit(_ProcessCall(fn, *args, **kwargs))
 
 
@@ -229,8 +227,9 @@ class _GeventExecutor(concurrent.futures.Executor):
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         self._shutdown = True
         if cancel_futures:
-            for greenlet in list(self._pool):  # spawned but not started: cancel() succeeds
-                greenlet.args[0].cancel()
+            for greenlet in list(self._pool):  # spawned, not started: cancel() succeeds
+                if greenlet.args:  # gevent drops args once a greenlet has run
+                    greenlet.args[0].cancel()
             while self._waiting:
                 self._waiting.popleft()[0].cancel()
         while wait and (self._pool or self._waiting):
@@ -584,6 +583,9 @@ class ExecutorJob:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<ExecutorJob {self.fn.__module__}.{vars(self)['__qualname__']}>"
 
     def __reduce__(self) -> str:
         return str(vars(self)["__qualname__"])  # pickled by name: a worker process imports it

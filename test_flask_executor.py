@@ -1,0 +1,762 @@
+"""Tests for flask_executor, in the module's order: config, backends, contexts, futures,
+the extension, 1.0 import paths; then gevent, real servers, reliability and databases."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextvars
+import gc
+import logging
+import os
+import pickle
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import weakref
+from pathlib import Path
+
+import pytest
+from flask import Flask, current_app, g, request, session, url_for
+
+import flask_executor
+from flask_executor import Backend, Executor, ExecutorJob, FutureCollection, ThreadBackend
+
+HERE = Path(__file__).resolve().parent
+TIMEOUT = 30  # seconds any single wait in a test may take before it fails
+
+# -- helpers: module level, so process workers can import them ----------------------
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def add(x: int, y: int = 0) -> int:
+    return x + y
+
+
+def fail(message: str) -> None:
+    raise ValueError(message)
+
+
+def worker_pid() -> int:
+    return os.getpid()
+
+
+def die() -> None:
+    os._exit(3)
+
+
+def wait_for(path: str, timeout: float = TIMEOUT) -> str:
+    """Block (in a worker process) until a file exists: an event across processes."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(path)
+        time.sleep(0.01)
+    return path
+
+
+def make_app(**config: object) -> Flask:
+    app = Flask("test_app")
+    app.secret_key = "test"
+    app.config.update(config)
+
+    @app.route("/")
+    def index() -> str:
+        return "index"
+
+    return app
+
+
+BACKENDS = ["thread", "process"]
+CONTEXT_BACKENDS = ["thread", "gevent"]
+
+
+@pytest.fixture
+def executors():
+    """Executors made by a test, shut down after it."""
+    made: list[Executor] = []
+    yield made
+    for executor in made:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture
+def make_executor(executors):
+    def make(name: str = "", **config: object) -> tuple[Flask, Executor]:
+        app = make_app(**config)
+        executor = Executor(app, name=name)
+        executors.append(executor)
+        return app, executor
+
+    return make
+
+
+# -- 1. Configuration ---------------------------------------------------------------
+
+
+class TestConfig:
+    def test_defaults_are_set_on_app_config(self, make_executor):
+        app, executor = make_executor()
+        assert app.config["EXECUTOR_TYPE"] == "thread"
+        assert app.config["EXECUTOR_MAX_WORKERS"] is None
+        assert app.config["EXECUTOR_FUTURES_MAX_LENGTH"] == 50
+        assert app.config["EXECUTOR_PROPAGATE_EXCEPTIONS"] is False
+        assert app.config["EXECUTOR_PUSH_APP_CONTEXT"] is True
+        assert app.extensions["executor"] is executor
+        assert isinstance(executor, cf.Executor)
+
+    def test_named_executor_reads_prefixed_keys(self, make_executor):
+        app, executor = make_executor(
+            name="custom", CUSTOM_EXECUTOR_MAX_WORKERS=2, EXECUTOR_MAX_WORKERS=7
+        )
+        assert app.extensions["customexecutor"] is executor
+        state = app.extensions[executor._state_key]
+        assert state.max_workers == 2
+        assert state.pool._max_workers == 2
+
+    def test_environment_is_used_when_config_lacks_the_key(self, make_executor, monkeypatch):
+        monkeypatch.setenv("ENVY_EXECUTOR_TYPE", "process")
+        monkeypatch.setenv("ENVY_EXECUTOR_MAX_WORKERS", "3")
+        monkeypatch.setenv("ENVY_EXECUTOR_PROPAGATE_EXCEPTIONS", "true")
+        app, executor = make_executor(name="envy")
+        assert app.config["ENVY_EXECUTOR_MAX_WORKERS"] == 3
+        assert app.config["ENVY_EXECUTOR_PROPAGATE_EXCEPTIONS"] is True
+        with app.app_context():
+            assert executor.submit(worker_pid).result(TIMEOUT) != os.getpid()
+
+    def test_config_wins_over_environment(self, make_executor, monkeypatch):
+        monkeypatch.setenv("EXECUTOR_MAX_WORKERS", "3")
+        app, _ = make_executor(EXECUTOR_MAX_WORKERS="5")
+        assert app.config["EXECUTOR_MAX_WORKERS"] == "5"  # what the user set stays
+        assert app.extensions[flask_executor.__name__ + ":executor"].max_workers == 5
+
+    @pytest.mark.parametrize(
+        ("value", "expected"),
+        [("5", 5), (" 5 ", 5), (4, 4), (None, None), ("none", None), ("", None)],
+    )
+    def test_worker_counts_are_coerced(self, make_executor, value, expected):
+        app, executor = make_executor(EXECUTOR_MAX_WORKERS=value)
+        assert app.extensions[executor._state_key].max_workers == expected
+
+    @pytest.mark.parametrize("value", ["five", "2.5", 2.5, 0, -1, "-3", True])
+    def test_bad_worker_count_names_key_and_value(self, value):
+        with pytest.raises(ValueError, match=r"EXECUTOR_MAX_WORKERS must be .* got") as info:
+            Executor(make_app(EXECUTOR_MAX_WORKERS=value))
+        assert repr(value) in str(info.value)
+
+    @pytest.mark.parametrize(
+        ("value", "expected"),
+        [("true", True), ("1", True), ("Yes", True), ("off", False), ("0", False), (0, False)],
+    )
+    def test_bool_strings_are_coerced(self, make_executor, value, expected):
+        app, executor = make_executor(EXECUTOR_PROPAGATE_EXCEPTIONS=value)
+        assert app.extensions[executor._state_key].propagate is expected
+
+    def test_bad_bool_names_key_and_value(self):
+        with pytest.raises(ValueError, match=r"EXECUTOR_PUSH_APP_CONTEXT must be a bool.*'maybe'"):
+            Executor(make_app(EXECUTOR_PUSH_APP_CONTEXT="maybe"))
+
+    def test_bad_futures_max_length(self):
+        with pytest.raises(ValueError, match=r"EXECUTOR_FUTURES_MAX_LENGTH .* got 'lots'"):
+            Executor(make_app(EXECUTOR_FUTURES_MAX_LENGTH="lots"))
+
+    def test_unknown_type_lists_valid_names(self):
+        with pytest.raises(
+            ValueError, match=r"'fibre' is not a known.*'gevent', 'process', 'thread'"
+        ):
+            Executor(make_app(EXECUTOR_TYPE="fibre"))
+
+    @pytest.mark.parametrize("name", ["bad-name", "with space", "dot.ted"])
+    def test_bad_names(self, name):
+        with pytest.raises(ValueError, match="letters, digits and underscores"):
+            Executor(name=name)
+
+    def test_with_statement_shuts_down(self):
+        app = make_app()
+        with Executor(app) as executor, app.app_context():
+            future = executor.submit(square, 3)
+        assert future.result(0) == 9
+        with app.app_context(), pytest.raises(RuntimeError, match="after shutdown"):
+            executor.submit(square, 3)
+
+
+# -- 2. Backends --------------------------------------------------------------------
+
+
+class NamedThreadBackend(ThreadBackend):
+    """The README's custom backend: threads named from a config key."""
+
+    def create_pool(self, max_workers, config):
+        prefix = config.get("EXECUTOR_THREAD_NAME", "background")
+        return cf.ThreadPoolExecutor(max_workers, thread_name_prefix=prefix)
+
+
+class TestBackends:
+    @pytest.mark.parametrize("backend", BACKENDS)
+    def test_submit_and_map(self, make_executor, backend):
+        app, executor = make_executor(EXECUTOR_TYPE=backend, EXECUTOR_MAX_WORKERS=2)
+        with app.app_context():
+            future = executor.submit(add, 2, y=3)
+            assert isinstance(future, cf.Future)
+            assert future.result(TIMEOUT) == 5
+            assert list(executor.map(square, range(6), timeout=TIMEOUT)) == [0, 1, 4, 9, 16, 25]
+            chunked = executor.map(add, range(7), range(7), chunksize=3, timeout=TIMEOUT)
+            assert list(chunked) == [0, 2, 4, 6, 8, 10, 12]
+            futures = [executor.submit(square, n) for n in range(5)]
+            done, _ = cf.wait(futures, timeout=TIMEOUT)
+            assert len(done) == 5
+            assert sorted(f.result() for f in cf.as_completed(futures, TIMEOUT)) == [0, 1, 4, 9, 16]
+
+    @pytest.mark.parametrize("backend", BACKENDS)
+    def test_exception_is_returned_through_the_future(self, make_executor, backend):
+        app, executor = make_executor(EXECUTOR_TYPE=backend, EXECUTOR_MAX_WORKERS=1)
+        with app.app_context():
+            with pytest.raises(ValueError, match="boom"):
+                executor.submit(fail, "boom").result(TIMEOUT)
+            assert isinstance(executor.submit(fail, "x").exception(TIMEOUT), ValueError)
+            assert executor.submit(square, 4).result(TIMEOUT) == 16  # the pool goes on
+
+    def test_process_tasks_run_in_another_process(self, make_executor):
+        app, executor = make_executor(EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=1)
+        with app.app_context():
+            assert executor.submit(worker_pid).result(TIMEOUT) != os.getpid()
+
+    def test_custom_backend_registered_by_name(self, make_executor, monkeypatch):
+        monkeypatch.setitem(flask_executor.BACKENDS, "named", NamedThreadBackend())
+        app, executor = make_executor(EXECUTOR_TYPE="named", EXECUTOR_THREAD_NAME="mail")
+        with app.test_request_context("/?who=me"):
+            future = executor.submit(lambda: (threading.current_thread().name, request.args["who"]))
+            name, who = future.result(TIMEOUT)
+        assert name.startswith("mail") and who == "me"
+
+    def test_register_backend_function(self, make_executor, monkeypatch):
+        monkeypatch.setattr(flask_executor, "BACKENDS", dict(flask_executor.BACKENDS))
+        flask_executor.register_backend("Named", NamedThreadBackend())
+        app, executor = make_executor(EXECUTOR_TYPE="named")
+        with app.app_context():
+            assert executor.submit(lambda: threading.current_thread().name).result(TIMEOUT)
+        with pytest.raises(TypeError, match="needs a Backend instance"):
+            flask_executor.register_backend("bad", object())  # type: ignore[arg-type]
+
+    def test_custom_backend_passed_as_object(self, make_executor):
+        app, executor = make_executor(EXECUTOR_TYPE=NamedThreadBackend())
+        with app.app_context():
+            name = executor.submit(lambda: threading.current_thread().name).result(TIMEOUT)
+        assert name.startswith("background")
+
+    def test_backend_is_abstract(self):
+        with pytest.raises(TypeError):
+            Backend()  # type: ignore[abstract]
+
+
+# -- 3. Contexts --------------------------------------------------------------------
+
+
+@pytest.fixture(params=CONTEXT_BACKENDS)
+def context_backend(request):
+    if request.param == "gevent":
+        pytest.importorskip("gevent")
+    return request.param
+
+
+def seen() -> dict[str, object]:
+    """What a task sees of Flask's contexts."""
+    return {
+        "app": current_app.name,
+        "arg": request.args.get("q"),
+        "session": session.get("user"),
+        "g": g.get("value"),
+        "url": url_for("index"),
+    }
+
+
+def run(future: cf.Future, timeout: float = TIMEOUT):
+    """Result of a future, waiting cooperatively when the backend is gevent."""
+    return future.result(timeout)
+
+
+class TestContexts:
+    def test_request_context(self, make_executor, context_backend):
+        app, executor = make_executor(EXECUTOR_TYPE=context_backend)
+        with app.test_request_context("/?q=one"):
+            session["user"] = "ann"
+            g.value = "before"
+            future = executor.submit(seen)
+            g.value = "after"  # not seen: g was copied at submit
+            assert run(future) == {
+                "app": "test_app",
+                "arg": "one",
+                "session": "ann",
+                "g": "before",
+                "url": "/",
+            }
+
+    def test_task_changes_to_g_stay_in_the_task(self, make_executor, context_backend):
+        app, executor = make_executor(EXECUTOR_TYPE=context_backend)
+
+        def change_g() -> object:
+            g.value = "task"
+            g.extra = 1
+            return g.value
+
+        with app.test_request_context("/"):
+            g.value = "view"
+            assert run(executor.submit(change_g)) == "task"
+            assert g.value == "view" and "extra" not in g
+
+    def test_app_context_only(self, make_executor, context_backend):
+        app, executor = make_executor(EXECUTOR_TYPE=context_backend)
+        with app.app_context():
+            g.value = "cli"
+            result = run(executor.submit(lambda: (current_app.name, g.value, bool(request))))
+        assert result == ("test_app", "cli", False)
+
+    def test_no_context_uses_the_only_app(self, make_executor, context_backend):
+        app, executor = make_executor(EXECUTOR_TYPE=context_backend)
+        if context_backend == "gevent":
+            result = run(executor.submit(lambda: (current_app.name, "value" in g)))
+        else:
+            box: list = []
+            thread = threading.Thread(
+                target=lambda: box.append(
+                    executor.submit(lambda: (current_app.name, "value" in g)).result(TIMEOUT)
+                )
+            )
+            thread.start()
+            thread.join(TIMEOUT)
+            result = box[0]
+        assert result == ("test_app", False)
+
+    def test_teardown_runs_after_every_task(self, make_executor, context_backend):
+        app, executor = make_executor(EXECUTOR_TYPE=context_backend)
+        torn: list[object] = []
+        app.teardown_appcontext(lambda exc: torn.append((g.get("value"), exc)))
+        with app.app_context():
+            g.value = 1
+            run(executor.submit(square, 2))
+            with pytest.raises(ValueError):
+                run(executor.submit(fail, "x"))
+        assert torn[0] == (1, None)
+        assert torn[1][0] == 1 and isinstance(torn[1][1], ValueError)
+
+    def test_context_variables_of_the_submitter_are_visible(self, make_executor, context_backend):
+        app, executor = make_executor(EXECUTOR_TYPE=context_backend)
+        span = contextvars.ContextVar("span")
+        with app.app_context():
+            token = span.set("trace-7")
+            try:
+                assert run(executor.submit(span.get)) == "trace-7"
+            finally:
+                span.reset(token)
+
+    def test_map_with_overlapping_tasks_in_a_request(self, make_executor):
+        app, executor = make_executor(EXECUTOR_MAX_WORKERS=4)
+        barrier = threading.Barrier(4, timeout=TIMEOUT)
+
+        def overlap(n: int) -> tuple[int, str]:
+            barrier.wait()  # all four run at once
+            return n, request.args["q"]
+
+        with app.test_request_context("/?q=map"):
+            results = list(executor.map(overlap, range(4), timeout=TIMEOUT))
+        assert results == [(n, "map") for n in range(4)]
+
+    def test_callbacks_run_in_the_same_contexts(self, make_executor, context_backend):
+        app, executor = make_executor(EXECUTOR_TYPE=context_backend)
+        seen_by: dict[str, object] = {}
+        done = threading.Event()
+        executor.add_default_done_callback(lambda f: seen_by.update(default=seen()))
+
+        def on_done(future: cf.Future) -> None:
+            seen_by["added"] = seen()
+            done.set()
+
+        with app.test_request_context("/?q=cb"):
+            session["user"] = "bob"
+            g.value = "v"
+            future = executor.submit(square, 2)
+            future.add_done_callback(on_done)
+            run(future)
+        assert done.wait(TIMEOUT)
+        expected = {"app": "test_app", "arg": "cb", "session": "bob", "g": "v", "url": "/"}
+        assert seen_by == {"default": expected, "added": expected}
+
+    def test_callback_added_after_done_gets_contexts(self, make_executor):
+        app, executor = make_executor()
+        with app.test_request_context("/?q=late"):
+            future = executor.submit(square, 2)
+            future.result(TIMEOUT)
+            box: list = []
+            future.add_done_callback(lambda f: box.append(request.args["q"]))
+        assert box == ["late"]
+
+    def test_process_callbacks_run_in_contexts_of_the_web_process(self, make_executor):
+        app, executor = make_executor(EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=1)
+        box: list = []
+        done = threading.Event()
+        with app.test_request_context("/?q=proc"):
+            future = executor.submit(square, 3)
+            future.add_done_callback(
+                lambda f: (box.append((request.args["q"], f.result())), done.set())
+            )
+        assert done.wait(TIMEOUT)
+        assert box == [("proc", 9)]
+
+    def test_push_app_context_false(self, make_executor):
+        app, executor = make_executor(EXECUTOR_PUSH_APP_CONTEXT="false")
+        torn: list[object] = []
+        app.teardown_appcontext(lambda exc: torn.append(exc))
+        with app.test_request_context("/?q=raw"):
+            g.value = "shared"
+            same_g, arg = executor.submit(
+                lambda: (g._get_current_object(), request.args["q"])
+            ).result(TIMEOUT)
+            assert same_g is g._get_current_object() and arg == "raw"
+        assert torn == [None]  # only the request's own teardown, none for the task
+        box: list = []
+        thread = threading.Thread(
+            target=lambda: box.append(executor.submit(lambda: bool(current_app)).result(TIMEOUT))
+        )
+        thread.start()
+        thread.join(TIMEOUT)
+        assert box == [False]  # no context at all outside one
+
+    def test_concurrent_requests_never_see_each_other(self, make_executor):
+        app, executor = make_executor(EXECUTOR_MAX_WORKERS=8)
+        release = threading.Event()
+
+        @app.route("/task")
+        def task() -> dict:
+            g.value = request.args["q"]
+            session["user"] = request.args["q"]
+
+            def report() -> dict:
+                release.wait(TIMEOUT)
+                return seen()
+
+            executor.submit_stored(request.args["q"], report)
+            return {}
+
+        client = app.test_client()
+        for n in range(20):
+            client.get(f"/task?q={n}")
+        release.set()
+        with app.app_context():
+            for n in range(20):
+                got = executor.futures.pop(str(n)).result(TIMEOUT)
+                assert got["arg"] == got["g"] == got["session"] == str(n)
+
+
+# -- 4. The futures dict ------------------------------------------------------------
+
+
+class TestFutures:
+    def test_add_pop_len_contains_and_forwarding(self):
+        futures = FutureCollection()
+        future: cf.Future = cf.Future()
+        futures.add("a", future)
+        assert len(futures) == 1 and future in futures and cf.Future() not in futures
+        assert futures.done("a") is False
+        assert futures._state("a") == "PENDING"
+        assert futures.running("missing") is None and futures._state("missing") is None
+        future.set_result(42)
+        assert futures.done("a") is True and futures.result("a", timeout=1) == 42
+        assert futures._futures == {"a": future}
+        with pytest.raises(ValueError, match="'a' already exists"):
+            futures.add("a", cf.Future())
+        assert futures.pop("a") is future and futures.pop("a") is None and len(futures) == 0
+
+    def test_oldest_evicted_beyond_max_length(self):
+        futures = FutureCollection(max_length=3)
+        for n in range(5):
+            futures.add(n, cf.Future())
+        assert list(futures._futures) == [2, 3, 4]
+        assert FutureCollection().max_length == 50
+        unbounded = FutureCollection(None)
+        for n in range(100):
+            unbounded.add(n, cf.Future())
+        assert len(unbounded) == 100
+
+    @pytest.mark.parametrize("backend", BACKENDS)
+    def test_submit_stored(self, make_executor, backend):
+        app, executor = make_executor(EXECUTOR_TYPE=backend, EXECUTOR_FUTURES_MAX_LENGTH="2")
+        with app.app_context():
+            future = executor.submit_stored("k", square, 5)
+            assert future.result(TIMEOUT) == 25
+            assert executor.futures.done("k") and executor.futures._state("k") == "FINISHED"
+            assert executor.futures._futures["k"]._state == "FINISHED"
+            with pytest.raises(ValueError, match="'k' already exists"):
+                executor.submit_stored("k", square, 6)
+            executor.submit_stored("k2", square, 1).result(TIMEOUT)
+            executor.submit_stored("k3", square, 1).result(TIMEOUT)
+            assert list(executor.futures._futures) == ["k2", "k3"]
+
+    def test_duplicate_key_does_not_run_the_task(self, make_executor):
+        app, executor = make_executor()
+        ran: list[int] = []
+        with app.app_context():
+            executor.submit_stored("dup", ran.append, 1).result(TIMEOUT)
+            with pytest.raises(ValueError):
+                executor.submit_stored("dup", ran.append, 2)
+            executor.shutdown()
+        assert ran == [1]
+
+    @pytest.mark.parametrize("backend", ["thread", "process", "gevent"])
+    def test_done_callback_pops_its_own_stored_future(self, make_executor, backend):
+        if backend == "gevent":
+            pytest.importorskip("gevent")
+        app, executor = make_executor(EXECUTOR_TYPE=backend)
+        popped: list = []
+        executor.add_default_done_callback(lambda f: popped.append(executor.futures.pop("mine")))
+        with app.app_context():
+            future = executor.submit_stored("mine", square, 7)
+            assert future.result(TIMEOUT) == 49
+            executor.shutdown(wait=True)
+        assert popped == [future] and len(executor.futures) == 0
+
+    def test_concurrent_submit_stored_and_pop(self, make_executor):
+        app, executor = make_executor(EXECUTOR_FUTURES_MAX_LENGTH=None, EXECUTOR_MAX_WORKERS=4)
+        errors: list[BaseException] = []
+        results: dict[str, int] = {}
+        lock = threading.Lock()
+
+        def writer(w: int) -> None:
+            try:
+                with app.app_context():
+                    for n in range(200):
+                        key = f"{w}-{n}"
+                        executor.submit_stored(key, square, n)
+                        future = executor.futures.pop(key)
+                        with lock:
+                            results[key] = future.result(TIMEOUT)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=writer, args=(w,)) for w in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(TIMEOUT)
+        assert errors == [] and len(results) == 1600
+        assert all(results[f"{w}-{n}"] == n * n for w in range(8) for n in range(200))
+        assert len(executor.futures) == 0
+
+
+# -- 5. The extension ---------------------------------------------------------------
+
+
+class TestExtension:
+    def test_before_init_app(self):
+        executor = Executor()
+        with pytest.raises(
+            RuntimeError, match=r"not initialised on any app: call executor.init_app"
+        ):
+            executor.submit(square, 1)
+        with pytest.raises(RuntimeError, match="init_app"):
+            executor.futures  # noqa: B018
+
+    def test_app_factory_pattern(self, executors):
+        executor = Executor()
+        executors.append(executor)
+
+        @executor.job
+        def triple(x: int) -> int:
+            return 3 * x
+
+        app = make_app()
+        executor.init_app(app)
+        assert app.extensions["executor"] is executor
+        with app.app_context():
+            assert triple(2) == 6
+            assert triple.submit(3).result(TIMEOUT) == 9
+            assert list(triple.map([1, 2])) == [3, 6]
+            assert triple.submit_stored("t", 4).result(TIMEOUT) == 12
+            assert executor.futures.pop("t").result() == 12
+        assert isinstance(triple, ExecutorJob) and triple.__name__ == "triple"
+
+    def test_init_app_twice_is_refused(self, make_executor):
+        app, executor = make_executor()
+        with pytest.raises(RuntimeError, match="already set"):
+            executor.init_app(app)
+        with pytest.raises(RuntimeError, match="give each Executor its own name"):
+            Executor(app)
+        executors_named = Executor(app, name="other")
+        executors_named.shutdown()
+
+    def test_several_apps(self, executors):
+        executor = Executor()
+        executors.append(executor)
+        one = make_app(EXECUTOR_MAX_WORKERS=1)
+        one.name = "one"
+        two = make_app(EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=1)
+        two.name = "two"
+        executor.init_app(one)
+        executor.init_app(two)
+        with one.app_context():
+            assert executor.submit(lambda: current_app.name).result(TIMEOUT) == "one"
+            executor.submit_stored("k", square, 2).result(TIMEOUT)
+            assert len(executor.futures) == 1
+        with two.app_context():
+            assert executor.submit(worker_pid).result(TIMEOUT) != os.getpid()
+            assert len(executor.futures) == 0  # each app has its own futures dict
+        assert (
+            one.extensions[executor._state_key].pool is not two.extensions[executor._state_key].pool
+        )
+        box: list[BaseException] = []
+        thread = threading.Thread(
+            target=lambda: box.append(pytest.raises(RuntimeError, executor.submit, square, 1).value)
+        )
+        thread.start()
+        thread.join(TIMEOUT)
+        assert "one of 2 apps without an app context" in str(box[0])
+        other = make_app()
+        with (
+            other.app_context(),
+            pytest.raises(RuntimeError, match="not initialised on app 'test_app'"),
+        ):
+            executor.submit(square, 1)
+
+    def test_job_with_process_backend(self, executors):
+        app = make_app(JOBS_EXECUTOR_TYPE="process", JOBS_EXECUTOR_MAX_WORKERS=1)
+        job_executor.init_app(app)
+        executors.append(job_executor)
+        assert pickle.loads(pickle.dumps(cube)) is cube
+        with app.app_context():
+            assert cube.submit(2).result(TIMEOUT) == 8
+            assert job_executor.submit(worker_pid).result(TIMEOUT) != os.getpid()
+            assert list(cube.map(range(4), chunksize=2)) == [0, 1, 8, 27]
+            assert cube.submit_stored("c", 3).result(TIMEOUT) == 27
+            hidden = job_executor.job(square)  # not reachable by its name: cannot be pickled
+            with pytest.raises(TypeError, match=r"cannot send .*square"):
+                hidden.submit(2).result(TIMEOUT)
+            lam = job_executor.job(lambda x: x)
+            with pytest.raises(TypeError, match="lambda.*closures, lambdas and bound methods"):
+                lam.submit(1)
+
+    @pytest.mark.parametrize("backend", BACKENDS)
+    def test_submit_after_shutdown(self, make_executor, backend):
+        app, executor = make_executor(EXECUTOR_TYPE=backend)
+        executor.shutdown()
+        with (
+            app.app_context(),
+            pytest.raises(RuntimeError, match="cannot schedule new futures after shutdown"),
+        ):
+            executor.submit(square, 1)
+
+    def test_non_callable_is_refused(self, make_executor):
+        app, executor = make_executor()
+        with app.app_context(), pytest.raises(TypeError, match=r"needs a callable, got 42 \(int\)"):
+            executor.submit(42)
+
+    @pytest.mark.parametrize("backend", BACKENDS)
+    def test_propagated_exceptions_are_logged(self, make_executor, backend, caplog):
+        app, executor = make_executor(
+            EXECUTOR_TYPE=backend, EXECUTOR_PROPAGATE_EXCEPTIONS=True, EXECUTOR_MAX_WORKERS=1
+        )
+        with app.app_context():
+            future = executor.submit(fail, "logged")
+            with pytest.raises(ValueError):
+                future.result(TIMEOUT)
+            assert executor.submit(square, 2).result(TIMEOUT) == 4
+            executor.shutdown(wait=True)
+        records = [r for r in caplog.records if r.name == app.logger.name]
+        assert len(records) == 1 and "background task" in records[0].getMessage()
+        assert records[0].exc_info[1] is future.exception()
+        assert "fail" in caplog.text and "Traceback" in caplog.text
+
+    def test_failing_callback_is_logged_and_pool_goes_on(self, make_executor, caplog):
+        app, executor = make_executor(EXECUTOR_MAX_WORKERS=1)
+
+        def bad_callback(future: cf.Future) -> None:
+            raise RuntimeError("callback broke")
+
+        executor.add_default_done_callback(bad_callback)
+        with app.app_context():
+            executor.submit(square, 1).result(TIMEOUT)
+            assert executor.submit(square, 3).result(TIMEOUT) == 9
+            executor.shutdown(wait=True)
+        assert "callback broke" in caplog.text and "done-callback" in caplog.text
+
+    def test_shutdown_runs_every_accepted_task(self, make_executor):
+        app, executor = make_executor(EXECUTOR_MAX_WORKERS=2)
+        ran: list[int] = []
+        with app.app_context():
+            for n in range(2000):
+                executor.submit(ran.append, n)
+            executor.shutdown(wait=True)
+        assert sorted(ran) == list(range(2000))
+
+
+job_executor = Executor(name="jobs")  # decorated before any init_app, as in app factories
+
+
+@job_executor.job
+def cube(x: int) -> int:
+    return x * x * x
+
+
+# -- 6. 1.0 import paths and vendoring ----------------------------------------------
+
+
+def test_one_point_oh_import_paths():
+    import flask_executor.executor
+    import flask_executor.futures
+    from flask_executor.executor import Executor as E
+    from flask_executor.executor import ExecutorJob as J
+    from flask_executor.futures import Future, FutureCollection
+
+    assert (
+        E is Executor and J is ExecutorJob and FutureCollection is flask_executor.FutureCollection
+    )
+    assert Future is cf.Future
+    assert isinstance(flask_executor.__version__, str)
+
+
+def test_vendored_copy_beside_installed_copy(tmp_path):
+    vendor = tmp_path / "myapp" / "_vendor"
+    vendor.mkdir(parents=True)
+    (tmp_path / "myapp" / "__init__.py").write_text("")
+    (vendor / "__init__.py").write_text("")
+    shutil.copy(HERE / "flask_executor.py", vendor / "flask_executor.py")
+    script = textwrap.dedent(
+        """
+        import sys
+        from flask import Flask, current_app
+        from myapp._vendor import flask_executor as vendored
+        assert "flask_executor" not in sys.modules, "the vendored copy imported the installed one"
+        import flask_executor as installed
+        from myapp._vendor.flask_executor.futures import FutureCollection
+        assert FutureCollection is vendored.FutureCollection
+        assert installed.FutureCollection is not vendored.FutureCollection
+
+        class Inline(vendored.ThreadBackend):
+            pass
+        vendored.register_backend("inline", Inline())
+        assert "inline" not in installed.BACKENDS
+
+        app = Flask("both")
+        app.config["VENDORED_EXECUTOR_TYPE"] = "inline"
+        mine = vendored.Executor(app, name="vendored")
+        theirs = installed.Executor(app)
+        with app.app_context():
+            assert mine.submit(lambda: current_app.name).result(10) == "both"
+            assert theirs.submit(lambda: current_app.name).result(10) == "both"
+            mine.submit_stored("k", int, 1).result(10)
+            assert len(mine.futures) == 1 and len(theirs.futures) == 0
+        mine.shutdown(); theirs.shutdown()
+        print("ok")
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{HERE}"}
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
