@@ -62,6 +62,22 @@ def wait_for(path: str, timeout: float = TIMEOUT) -> str:
     return path
 
 
+def in_thread(fn):
+    """``fn()`` run in a plain thread, outside any Flask context: its result or exception."""
+    box: list = []
+
+    def target() -> None:
+        try:
+            box.append(fn())
+        except BaseException as exc:
+            box.append(exc)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join(TIMEOUT)
+    return box[0]
+
+
 def make_app(**config: object) -> Flask:
     app = Flask("test_app")
     app.secret_key = "test"
@@ -319,19 +335,12 @@ class TestContexts:
         assert result == ("test_app", "cli", False)
 
     def test_no_context_uses_the_only_app(self, make_executor, context_backend):
-        app, executor = make_executor(EXECUTOR_TYPE=context_backend)
-        if context_backend == "gevent":
-            result = run(executor.submit(lambda: (current_app.name, "value" in g)))
+        _, executor = make_executor(EXECUTOR_TYPE=context_backend)
+        task = lambda: (current_app.name, "value" in g)  # noqa: E731
+        if context_backend == "gevent":  # a gevent pool belongs to its thread's hub
+            result = run(executor.submit(task))
         else:
-            box: list = []
-            thread = threading.Thread(
-                target=lambda: box.append(
-                    executor.submit(lambda: (current_app.name, "value" in g)).result(TIMEOUT)
-                )
-            )
-            thread.start()
-            thread.join(TIMEOUT)
-            result = box[0]
+            result = in_thread(lambda: executor.submit(task).result(TIMEOUT))
         assert result == ("test_app", False)
 
     def test_teardown_runs_after_every_task(self, make_executor, context_backend):
@@ -420,13 +429,8 @@ class TestContexts:
             ).result(TIMEOUT)
             assert same_g is g._get_current_object() and arg == "raw"
         assert torn == [None]  # only the request's own teardown, none for the task
-        box: list = []
-        thread = threading.Thread(
-            target=lambda: box.append(executor.submit(lambda: bool(current_app)).result(TIMEOUT))
-        )
-        thread.start()
-        thread.join(TIMEOUT)
-        assert box == [False]  # no context at all outside one
+        outside = in_thread(lambda: executor.submit(lambda: bool(current_app)).result(TIMEOUT))
+        assert outside is False  # no context at all outside one
 
     def test_concurrent_requests_never_see_each_other(self, make_executor):
         app, executor = make_executor(EXECUTOR_MAX_WORKERS=8)
@@ -609,13 +613,9 @@ class TestExtension:
         assert (
             one.extensions[executor._state_key].pool is not two.extensions[executor._state_key].pool
         )
-        box: list[BaseException] = []
-        thread = threading.Thread(
-            target=lambda: box.append(pytest.raises(RuntimeError, executor.submit, square, 1).value)
-        )
-        thread.start()
-        thread.join(TIMEOUT)
-        assert "one of 2 apps without an app context" in str(box[0])
+        error = in_thread(lambda: executor.submit(square, 1))
+        assert isinstance(error, RuntimeError)
+        assert "one of 2 apps without an app context" in str(error)
         other = make_app()
         with (
             other.app_context(),
@@ -637,7 +637,7 @@ class TestExtension:
             with pytest.raises(TypeError, match=r"cannot send .*square"):
                 hidden.submit(2).result(TIMEOUT)
             lam = job_executor.job(lambda x: x)
-            with pytest.raises(TypeError, match="lambda.*closures, lambdas and bound methods"):
+            with pytest.raises(TypeError, match=r"lambda.*closures, lambdas and bound methods"):
                 lam.submit(1)
 
     @pytest.mark.parametrize("backend", BACKENDS)
