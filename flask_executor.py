@@ -360,9 +360,10 @@ class FutureCollection:
                 raise ValueError(
                     f"future_key {future_key!r} already exists: pop it first or use another key"
                 )
-            future = self._futures[future_key] = make()
-            while self.max_length is not None and len(self._futures) > self.max_length:
-                self._futures.popitem(last=False)
+            future = make()
+            while self.max_length is not None and len(self._futures) >= self.max_length:
+                self._futures.popitem(last=False)  # evict first: len never exceeds the bound
+            self._futures[future_key] = future
             return future
 
     def pop(self, future_key: Any) -> Future[Any] | None:

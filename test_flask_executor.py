@@ -6,7 +6,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextvars
 import gc
-import logging
+import json
 import os
 import pickle
 import shutil
@@ -17,11 +17,15 @@ import sys
 import textwrap
 import threading
 import time
+import urllib.request
 import weakref
 from pathlib import Path
 
 import pytest
 from flask import Flask, current_app, g, request, session, url_for
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 import flask_executor
 from flask_executor import Backend, Executor, ExecutorJob, FutureCollection, ThreadBackend
@@ -760,3 +764,540 @@ def test_vendored_copy_beside_installed_copy(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+# -- gevent backend -------------------------------------------------------------------
+
+
+def run_script(script: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
+    """Run a Python script in a fresh interpreter (monkey-patching stays in there)."""
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        env={**os.environ, "PYTHONPATH": str(HERE), **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=HERE,
+    )
+
+
+class TestGevent:
+    @pytest.fixture(autouse=True)
+    def _gevent(self):
+        pytest.importorskip("gevent")
+
+    def test_import_does_not_import_gevent(self):
+        out = run_script(
+            """
+            import sys, flask_executor
+            assert not any(m.split(".")[0] == "gevent" for m in sys.modules), "gevent imported"
+            print("ok")
+            """
+        )
+        assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+    def test_missing_gevent_says_which_extra(self, monkeypatch):
+        monkeypatch.setitem(sys.modules, "gevent", None)
+        monkeypatch.setitem(sys.modules, "gevent.pool", None)
+        with pytest.raises(ImportError, match=r"pip install 'flask-executor\[gevent\]'"):
+            Executor(make_app(EXECUTOR_TYPE="gevent"))
+
+    def test_submit_never_blocks_and_waiting_tasks_run_in_order(self, make_executor):
+        import gevent
+        import gevent.event
+
+        app, executor = make_executor(EXECUTOR_TYPE="gevent", EXECUTOR_MAX_WORKERS=2)
+        release = gevent.event.Event()
+        order: list[int] = []
+
+        def task(n: int) -> int:
+            order.append(n)
+            release.wait()
+            return n
+
+        with app.app_context():
+            futures = [executor.submit(task, n) for n in range(50)]
+            assert order == []  # submit never yielded to the hub, though both slots are busy
+            gevent.sleep(0)
+            assert order == [0, 1]
+            release.set()
+            assert [f.result(TIMEOUT) for f in futures] == list(range(50))
+        assert order == list(range(50))
+
+    def test_cancel_before_start(self, make_executor):
+        import gevent.event
+
+        app, executor = make_executor(EXECUTOR_TYPE="gevent", EXECUTOR_MAX_WORKERS=1)
+        release = gevent.event.Event()
+        ran: list[str] = []
+        with app.app_context():
+            first = executor.submit(lambda: release.wait(TIMEOUT))
+            second = executor.submit(ran.append, "second")
+            third = executor.submit(ran.append, "third")
+            assert second.cancel() and second.cancelled()
+            release.set()
+            assert first.result(TIMEOUT) is True and third.result(TIMEOUT) is None
+        assert ran == ["third"]
+
+    def test_cancel_spawned_but_not_started(self, make_executor):
+        app, executor = make_executor(EXECUTOR_TYPE="gevent")  # unbounded: spawned at once
+        ran: list[int] = []
+        with app.app_context():
+            future = executor.submit(ran.append, 1)
+            assert future.cancel()
+            executor.shutdown(wait=True)
+        assert ran == [] and future.cancelled()
+
+    def test_shutdown_waits_for_every_accepted_task(self, make_executor):
+        import gevent
+
+        app, executor = make_executor(EXECUTOR_TYPE="gevent", EXECUTOR_MAX_WORKERS=10)
+        ran: list[int] = []
+
+        def task(n: int) -> None:
+            gevent.sleep(0)
+            ran.append(n)
+
+        with app.app_context():
+            for n in range(3000):
+                executor.submit(task, n)
+            executor.shutdown(wait=True)
+        assert sorted(ran) == list(range(3000))
+        with app.app_context(), pytest.raises(RuntimeError, match="after shutdown"):
+            executor.submit(task, 0)
+
+    def test_shutdown_cancel_futures(self, make_executor):
+        import gevent.event
+
+        app, executor = make_executor(EXECUTOR_TYPE="gevent", EXECUTOR_MAX_WORKERS=1)
+        release = gevent.event.Event()
+        with app.app_context():
+            running = executor.submit(lambda: release.wait(TIMEOUT))
+            gevent.sleep(0)
+            waiting = [executor.submit(square, n) for n in range(5)]
+            release.set()
+            executor.shutdown(wait=True, cancel_futures=True)
+        assert running.result(0) is True
+        assert all(f.cancelled() for f in waiting)
+
+    def test_result_timeout_and_exceptions(self, make_executor, caplog):
+        import gevent.event
+
+        app, executor = make_executor(EXECUTOR_TYPE="gevent", EXECUTOR_PROPAGATE_EXCEPTIONS=True)
+        with app.app_context():
+            release = gevent.event.Event()
+            slow = executor.submit(release.wait, TIMEOUT)
+            with pytest.raises(cf.TimeoutError):
+                slow.result(timeout=0.05)
+            release.set()
+            assert slow.result(TIMEOUT) is True
+            with pytest.raises(ValueError, match="green"):
+                executor.submit(fail, "green").result(TIMEOUT)
+            assert isinstance(executor.submit(fail, "x").exception(TIMEOUT), ValueError)
+            assert executor.submit(square, 5).result(TIMEOUT) == 25
+        assert "background task" in caplog.text and "Traceback" in caplog.text
+
+    def test_job_and_submit_stored(self, make_executor):
+        app, executor = make_executor(EXECUTOR_TYPE="gevent")
+
+        @executor.job
+        def greet(name: str) -> str:
+            return f"hi {name} from {request.args['via']}"
+
+        with app.test_request_context("/?via=job"):
+            assert greet.submit("ann").result(TIMEOUT) == "hi ann from job"
+            assert list(greet.map(["a", "b"], timeout=TIMEOUT)) == [
+                "hi a from job",
+                "hi b from job",
+            ]
+            greet.submit_stored("g1", "cy").result(TIMEOUT)
+            assert executor.futures.done("g1") and executor.futures.pop("g1").result() == (
+                "hi cy from job"
+            )
+
+    def test_monkey_patched_thousands_of_waits_and_wait_helpers(self):
+        out = run_script(
+            """
+            from gevent import monkey; monkey.patch_all()
+            import concurrent.futures as cf, json, time
+            import gevent
+            from flask import Flask, g, request
+            from flask_executor import Executor
+
+            app = Flask("patched")
+            app.config.update(EXECUTOR_TYPE="gevent", EXECUTOR_FUTURES_MAX_LENGTH=None)
+            executor = Executor(app)
+
+            def io_task(n):
+                time.sleep(0.5)  # patched: a cooperative wait
+                return n, request.args["who"], g.who
+
+            with app.test_request_context("/?who=patched"):
+                g.who = "g-patched"
+                start = time.monotonic()
+                futures = [executor.submit(io_task, n) for n in range(3000)]
+                done, not_done = cf.wait(futures, timeout=60)
+                elapsed = time.monotonic() - start
+                results = [f.result() for f in futures]
+                completed = sum(1 for _ in cf.as_completed(futures, timeout=10))
+            wrong = [r for n, r in enumerate(results) if r != (n, "patched", "g-patched")]
+            print(json.dumps({"done": len(done), "elapsed": elapsed, "wrong": len(wrong),
+                              "as_completed": completed}))
+            """
+        )
+        assert out.returncode == 0, out.stderr
+        report = json.loads(out.stdout)
+        assert report["done"] == 3000 and report["wrong"] == 0 and report["as_completed"] == 3000
+        # 3000 waits of 0.5 s, one after another, would take 25 minutes: they overlapped.
+        assert report["elapsed"] < 30
+
+    def test_not_patched_result_from_main_greenlet(self):
+        out = run_script(
+            """
+            import gevent
+            from flask import Flask
+            from flask_executor import Executor
+
+            app = Flask("plain")
+            app.config["EXECUTOR_TYPE"] = "gevent"
+            executor = Executor(app)
+            with app.app_context():
+                future = executor.submit(lambda: gevent.sleep(0.1) or "slept")
+                print(future.result(timeout=10), executor.submit(sum, [1, 2]).exception(10))
+            """
+        )
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == ["slept", "None"]
+
+
+# -- real servers: gunicorn (gevent and gthread workers) and gevent's pywsgi ------------------
+
+
+def server_app() -> Flask:
+    """The app the real-server tests serve; EXECUTOR_* come from the environment."""
+    app = Flask("served")
+    app.secret_key = "served"
+    executor = Executor(app)
+
+    def report(wait: float) -> dict[str, object]:
+        time.sleep(wait)  # cooperative under gevent's monkey-patching
+        return {"arg": request.args["id"], "g": g.rid, "session": session["rid"]}
+
+    @app.route("/start")
+    def start() -> str:
+        g.rid = session["rid"] = request.args["id"]
+        executor.submit_stored(request.args["id"], report, float(request.args["wait"]))
+        return "started"
+
+    @app.route("/result")
+    def result() -> dict[str, object]:
+        key = request.args["id"]
+        if not executor.futures.done(key):
+            return {"state": executor.futures._state(key)}
+        return {"state": "FINISHED", "seen": executor.futures.pop(key).result()}
+
+    return app
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def http_get(url: str) -> dict | str:
+    with urllib.request.urlopen(url, timeout=TIMEOUT) as response:
+        body = response.read().decode()
+    return json.loads(body) if body.startswith("{") else body
+
+
+class Server:
+    """A server subprocess on 127.0.0.1, waited for, and always stopped."""
+
+    def __init__(self, argv: list[str], port: int, **env: str) -> None:
+        self.base = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen(
+            argv,
+            cwd=HERE,
+            env={**os.environ, "PYTHONPATH": str(HERE), **env},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    return
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"server did not start: {self.proc.stderr.read()}") from None
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(20)
+
+
+def drive(base: str, requests: int, wait: float) -> dict[str, int]:
+    """Start one stored task per request, concurrently; poll until all are done."""
+    with cf.ThreadPoolExecutor(50) as clients:
+        started = list(
+            clients.map(lambda n: http_get(f"{base}/start?id={n}&wait={wait}"), range(requests))
+        )
+        assert started == ["started"] * requests
+        seen: dict[int, dict] = {}
+        deadline = time.monotonic() + 120
+        while len(seen) < requests and time.monotonic() < deadline:
+            pending = [n for n in range(requests) if n not in seen]
+            for n, reply in zip(
+                pending, clients.map(lambda n: http_get(f"{base}/result?id={n}"), pending)
+            ):
+                if reply["state"] == "FINISHED":
+                    seen[n] = reply["seen"]
+            time.sleep(0.05)
+    mismatches = sum(
+        1 for n, got in seen.items() if got != {"arg": str(n), "g": str(n), "session": str(n)}
+    )
+    return {"finished": len(seen), "mismatches": mismatches}
+
+
+SERVED = {"EXECUTOR_FUTURES_MAX_LENGTH": "10000"}
+
+
+@pytest.mark.parametrize(("worker", "executor_type"), [("gevent", "gevent"), ("gthread", "thread")])
+def test_gunicorn_concurrent_requests_see_only_their_own_data(worker, executor_type):
+    pytest.importorskip("gunicorn")
+    if worker == "gevent":
+        pytest.importorskip("gevent")
+    port = free_port()
+    argv = [sys.executable, "-m", "gunicorn", "-k", worker, "-w", "1", "--threads", "8",
+            "--worker-connections", "1000", "-b", f"127.0.0.1:{port}",
+            "test_flask_executor:server_app()"]  # fmt: skip
+    server = Server(argv, port, EXECUTOR_TYPE=executor_type, EXECUTOR_MAX_WORKERS="32", **SERVED)
+    try:
+        assert drive(server.base, requests=300, wait=0.2) == {"finished": 300, "mismatches": 0}
+    finally:
+        server.stop()
+
+
+def test_pywsgi_concurrent_requests_see_only_their_own_data():
+    pytest.importorskip("gevent")
+    port = free_port()
+    script = f"""
+        from gevent import monkey; monkey.patch_all()
+        from gevent.pywsgi import WSGIServer
+        from test_flask_executor import server_app
+        WSGIServer(("127.0.0.1", {port}), server_app(), log=None).serve_forever()
+    """
+    argv = [sys.executable, "-c", textwrap.dedent(script)]
+    server = Server(argv, port, EXECUTOR_TYPE="gevent", **SERVED)
+    try:
+        assert drive(server.base, requests=300, wait=0.2) == {"finished": 300, "mismatches": 0}
+    finally:
+        server.stop()
+
+
+# -- reliability: faults healed, nothing lost, no leaks, bounded memory ------------------
+
+
+def write_pid_then_wait(pid_file: str, release_file: str) -> str:
+    Path(pid_file + ".tmp").write_text(str(os.getpid()))
+    os.replace(pid_file + ".tmp", pid_file)  # appears whole
+    return wait_for(release_file)
+
+
+def append_line(path: str, n: int) -> int:
+    with open(path, "a") as out:  # O_APPEND: one short write per task, never interleaved
+        out.write(f"{n}\n")
+    return n
+
+
+class TestReliability:
+    def test_process_pool_heals_after_os_exit(self, make_executor):
+        app, executor = make_executor(EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=2)
+        with app.app_context():
+            assert executor.submit(square, 2).result(TIMEOUT) == 4
+            dying = executor.submit(die)
+            with pytest.raises(cf.process.BrokenProcessPool):
+                dying.result(TIMEOUT)
+            assert executor.submit(square, 3).result(TIMEOUT) == 9  # a fresh pool
+            assert executor.submit(worker_pid).result(TIMEOUT) != os.getpid()
+
+    def test_process_pool_heals_after_sigkill(self, make_executor, tmp_path):
+        app, executor = make_executor(EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=1)
+        pid_file, release = str(tmp_path / "pid"), str(tmp_path / "release")
+        with app.app_context():
+            held = executor.submit(write_pid_then_wait, pid_file, release)
+            queued = [executor.submit(square, n) for n in range(3)]
+            wait_for(pid_file)
+            os.kill(int(Path(pid_file).read_text()), signal.SIGKILL)
+            for future in [held, *queued]:  # every future it held fails; none hangs
+                with pytest.raises(cf.process.BrokenProcessPool):
+                    future.result(TIMEOUT)
+            assert executor.submit(square, 7).result(TIMEOUT) == 49
+
+    @pytest.mark.parametrize("backend", ["thread", "process", "gevent"])
+    def test_shutdown_runs_every_accepted_task_exactly_once(self, make_executor, backend, tmp_path):
+        if backend == "gevent":
+            pytest.importorskip("gevent")
+        app, executor = make_executor(EXECUTOR_TYPE=backend, EXECUTOR_MAX_WORKERS=2)
+        log = str(tmp_path / "ran")
+        with app.app_context():
+            futures = [executor.submit(append_line, log, n) for n in range(3000)]
+            executor.shutdown(wait=True)
+            with pytest.raises(RuntimeError, match="after shutdown"):
+                executor.submit(append_line, log, -1)
+        assert all(f.done() for f in futures)
+        assert sorted(int(line) for line in Path(log).read_text().split()) == list(range(3000))
+
+    def test_finished_tasks_do_not_keep_their_request_alive(self, make_executor):
+        app, executor = make_executor()
+        with app.test_request_context("/?q=weak"):
+            request_ref = weakref.ref(request._get_current_object())
+            executor.submit_stored("w", lambda: request.args["q"])
+            assert executor.futures.result("w", timeout=TIMEOUT) == "weak"
+        future = executor.futures.pop("w")
+        assert future.result() == "weak"
+        del future
+        gc.collect()
+        assert request_ref() is None
+
+    def test_memory_stays_flat_over_100k_submit_stored(self, make_executor):
+        psutil = pytest.importorskip("psutil")
+        app, executor = make_executor(EXECUTOR_MAX_WORKERS=4)
+        process = psutil.Process()
+        with app.test_request_context("/?q=mem"):
+            for n in range(10_000):  # warm up: pools, allocator arenas
+                executor.submit_stored(n, square, n)
+            gc.collect()
+            before = process.memory_info().rss
+            for n in range(10_000, 110_000):
+                executor.submit_stored(n, square, n)
+                assert len(executor.futures) <= 50
+            executor.shutdown(wait=True)
+            gc.collect()
+            after = process.memory_info().rss
+        assert len(executor.futures) == 50
+        assert after - before < 20 * 2**20, f"RSS grew {(after - before) / 2**20:.1f} MiB"
+
+    def test_bound_holds_under_concurrent_writers(self, make_executor):
+        app, executor = make_executor(EXECUTOR_FUTURES_MAX_LENGTH=50, EXECUTOR_MAX_WORKERS=4)
+        stop = threading.Event()
+        sizes: list[int] = []
+
+        def watch() -> None:
+            while not stop.is_set():
+                sizes.append(len(executor.futures._futures))
+
+        def write(w: int) -> None:
+            with app.app_context():
+                for n in range(1000):
+                    executor.submit_stored((w, n), square, n)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        writers = [threading.Thread(target=write, args=(w,)) for w in range(4)]
+        for thread in writers:
+            thread.start()
+        for thread in writers:
+            thread.join(TIMEOUT)
+        stop.set()
+        watcher.join(TIMEOUT)
+        assert sizes and max(sizes) <= 50 and len(executor.futures) == 50
+
+
+class FuturesDictMachine(RuleBasedStateMachine):
+    """FutureCollection against a model: an insertion-ordered dict that drops its oldest."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bound = 4
+        self.real = FutureCollection(self.bound)
+        self.model: dict[int, cf.Future] = {}
+
+    @rule(key=st.integers(0, 7))
+    def add(self, key: int) -> None:
+        future: cf.Future = cf.Future()
+        if key in self.model:
+            with pytest.raises(ValueError, match="already exists"):
+                self.real.add(key, future)
+            return
+        self.real.add(key, future)
+        self.model[key] = future
+        if len(self.model) > self.bound:
+            del self.model[next(iter(self.model))]
+
+    @rule(key=st.integers(0, 7))
+    def pop(self, key: int) -> None:
+        assert self.real.pop(key) is self.model.pop(key, None)
+
+    @rule(key=st.integers(0, 7))
+    def finish(self, key: int) -> None:
+        future = self.model.get(key)
+        if future is not None and not future.done():
+            future.set_result(key)
+        assert self.real.done(key) == (None if future is None else future.done())
+        assert self.real._state(key) == (None if future is None else future._state)
+
+    @invariant()
+    def same_contents(self) -> None:
+        assert list(self.real._futures.items()) == list(self.model.items())
+        assert len(self.real) == len(self.model)
+        assert all(future in self.real for future in self.model.values())
+
+
+TestFuturesDictModel = FuturesDictMachine.TestCase
+TestFuturesDictModel.settings = settings(max_examples=60, deadline=None)
+
+OPS = st.lists(
+    st.tuples(st.sampled_from(["add", "pop", "contains"]), st.integers(0, 20)), max_size=60
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(OPS, min_size=2, max_size=6))
+def test_futures_dict_under_concurrent_threads(per_thread_ops):
+    """Threads on disjoint keys, all at once: each sees exactly its sequential model."""
+    futures = FutureCollection(None)
+    start = threading.Barrier(len(per_thread_ops), timeout=TIMEOUT)
+    outcomes: dict[int, list] = {}
+    models: dict[int, dict] = {}
+    errors: list[BaseException] = []
+
+    def worker(t: int, ops: list[tuple[str, int]]) -> None:
+        try:
+            seen, model = [], {}
+            start.wait()
+            for op, k in ops:
+                key, future = (t, k), cf.Future()
+                if op == "add":
+                    try:
+                        futures.add(key, future)
+                        model[key] = future
+                        seen.append(True)
+                    except ValueError:
+                        seen.append(key in model)
+                elif op == "pop":
+                    seen.append(futures.pop(key) is model.pop(key, None))
+                else:
+                    seen.append((model.get(key) in futures) is (key in model))
+            outcomes[t], models[t] = seen, model
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=item) for item in enumerate(per_thread_ops)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT)
+    assert errors == []
+    assert all(all(seen) for seen in outcomes.values())
+    expected = {key: f for model in models.values() for key, f in model.items()}
+    assert dict(futures._futures) == expected and len(futures) == len(expected)
