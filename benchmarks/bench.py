@@ -1,0 +1,319 @@
+"""Side-by-side cost per task: flask_executor against the raw pool it wraps, in one run.
+
+    python benchmarks/bench.py            # full run (a few minutes)
+    python benchmarks/bench.py --smoke    # tiny N, one repeat: checks that it runs
+    python benchmarks/bench.py --with-1.0 # also Flask-Executor 1.0 (thread), fetched by pip
+
+For each backend (thread, process, gevent) and each place of submission (inside a request,
+an app context only, no context) the same no-op tasks go through this project and through
+the raw pool (ThreadPoolExecutor / ProcessPoolExecutor / gevent.pool.Pool, same worker
+count), alternating A B A B. It prints per-task microseconds and the ratios of:
+
+- submit latency: time the caller spends in submit, with the pool's workers held busy
+  (blocked on an event) so it is the caller's own cost; the minimum over the repeats;
+- submit-to-done: N tasks submitted and all finished; the median ratio of the pairs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import gc
+import json
+import multiprocessing
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from flask import Flask, g  # noqa: E402
+
+import flask_executor  # noqa: E402
+
+WORKERS = 4
+HOLD = multiprocessing.Event()  # inherited by forked process workers: holds them busy
+Submit = Callable[..., Any]
+
+
+def noop() -> None:
+    pass
+
+
+def block() -> None:
+    HOLD.wait(60)
+
+
+# -- the two sides of each backend ---------------------------------------------------
+
+
+class Side:
+    """One pool, ours or raw: how to submit, hold its workers busy, and wait for tasks."""
+
+    def __init__(self, submit: Submit, wait_all: Callable[[list[Any]], None], busy: int) -> None:
+        self.submit = submit
+        self.wait_all = wait_all
+        self.busy = busy  # tasks that occupy every worker; 0 where submit never competes
+
+    def hold(self) -> list[Any]:
+        HOLD.clear()
+        return [self.submit(block) for _ in range(self.busy)]
+
+    def release(self, held: list[Any]) -> None:
+        HOLD.set()
+        self.wait_all(held)
+
+
+def wait_futures(futures: list[Any]) -> None:
+    for future in futures:
+        future.result(120)
+
+
+def sides(backend: str) -> tuple[Side, Side, Callable[[], None]]:
+    """(ours, raw, close) for one backend."""
+    app = Flask("bench")
+    app.config.update(EXECUTOR_TYPE=backend, EXECUTOR_MAX_WORKERS=WORKERS)
+    if backend == "gevent":
+        import gevent.pool
+
+        app.config["EXECUTOR_MAX_WORKERS"] = None  # a full raw Pool.spawn would block
+        raw_pool = gevent.pool.Pool(None)
+        raw = Side(raw_pool.spawn, lambda greenlets: raw_pool.join(), busy=0)
+    elif backend == "thread":
+        raw_pool = cf.ThreadPoolExecutor(WORKERS)
+        raw = Side(raw_pool.submit, wait_futures, busy=WORKERS)
+    else:
+        raw_pool = cf.ProcessPoolExecutor(WORKERS)
+        raw = Side(raw_pool.submit, wait_futures, busy=WORKERS)
+    executor = flask_executor.Executor(app)
+    ours = Side(executor.submit, wait_futures, busy=0 if backend == "gevent" else WORKERS)
+
+    def close() -> None:
+        HOLD.set()
+        executor.shutdown()
+        if backend == "gevent":
+            raw_pool.join()
+        else:
+            raw_pool.shutdown()
+
+    ours.app = app  # type: ignore[attr-defined]
+    return ours, raw, close
+
+
+def place(app: Flask, where: str) -> Any:
+    """The context a view, a CLI command or a plain thread would submit from."""
+    if where == "request":
+        ctx = app.test_request_context("/report?month=11", headers={"X-User": "ann"})
+    elif where == "app":
+        ctx = app.app_context()
+    else:
+        return _NoContext()
+    return ctx
+
+
+class _NoContext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+# -- the two measurements ------------------------------------------------------------
+
+
+def submit_latency(side: Side, n: int) -> float:
+    """Seconds per submit, workers held busy."""
+    held = side.hold()
+    gc.disable()
+    start = time.perf_counter()
+    futures = [side.submit(noop) for _ in range(n)]
+    elapsed = time.perf_counter() - start
+    gc.enable()
+    side.release(held)
+    side.wait_all(futures)
+    return elapsed / n
+
+
+def submit_to_done(side: Side, n: int) -> float:
+    """Seconds per task from the first submit until all n are done."""
+    start = time.perf_counter()
+    futures = [side.submit(noop) for _ in range(n)]
+    side.wait_all(futures)
+    return (time.perf_counter() - start) / n
+
+
+def compare(backend: str, where: str, n: int, repeats: int) -> dict[str, float]:
+    ours, raw, close = sides(backend)
+    try:
+        with place(ours.app, where):  # type: ignore[attr-defined]
+            if where == "request":
+                g.user = "ann"
+                g.items = list(range(10))
+            submit_to_done(ours, min(n, 200))  # warm up: workers started, caches filled
+            submit_to_done(raw, min(n, 200))
+            lat_ours, lat_raw, done_ratios, done_ours, done_raw = [], [], [], [], []
+            for _ in range(repeats):  # alternate A B A B
+                lat_ours.append(submit_latency(ours, n))
+                lat_raw.append(submit_latency(raw, n))
+                a, b = submit_to_done(ours, n), submit_to_done(raw, n)
+                done_ours.append(a)
+                done_raw.append(b)
+                done_ratios.append(a / b)
+    finally:
+        close()
+    return {
+        "submit_ours_us": min(lat_ours) * 1e6,
+        "submit_raw_us": min(lat_raw) * 1e6,
+        "submit_ratio": min(lat_ours) / min(lat_raw),
+        "done_ours_us": statistics.median(done_ours) * 1e6,
+        "done_raw_us": statistics.median(done_raw) * 1e6,
+        "done_ratio": statistics.median(done_ratios),
+    }
+
+
+# -- memory and concurrent waits -----------------------------------------------------
+
+
+def stored_memory(calls: int) -> float:
+    """Peak traced MiB over `calls` submit_stored calls with the default bounded dict."""
+    app = Flask("memory")
+    app.config["EXECUTOR_MAX_WORKERS"] = WORKERS
+    executor = flask_executor.Executor(app)
+    with app.test_request_context("/"):
+        for key in range(1000):
+            executor.submit_stored(key, noop)
+        gc.collect()
+        tracemalloc.start()
+        base = tracemalloc.get_traced_memory()[0]
+        for key in range(1000, 1000 + calls):
+            executor.submit_stored(key, noop)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    executor.shutdown()
+    return (peak - base) / 2**20
+
+
+def gevent_waits(tasks: int, seconds: float) -> dict[str, float]:
+    """Wall time for `tasks` concurrent waits of `seconds` each, ours and raw."""
+    import gevent
+    import gevent.pool
+
+    app = Flask("waits")
+    app.config.update(EXECUTOR_TYPE="gevent", EXECUTOR_FUTURES_MAX_LENGTH=None)
+    executor = flask_executor.Executor(app)
+    raw_pool = gevent.pool.Pool(None)
+    with app.test_request_context("/"):
+        start = time.perf_counter()
+        futures = [executor.submit(gevent.sleep, seconds) for _ in range(tasks)]
+        wait_futures(futures)
+        ours = time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in range(tasks):
+            raw_pool.spawn(gevent.sleep, seconds)
+        raw_pool.join()
+        raw = time.perf_counter() - start
+    executor.shutdown()
+    return {"ours_s": ours, "raw_s": raw, "ratio": ours / raw}
+
+
+# -- Flask-Executor 1.0, side by side (thread backend, in a request) ------------------
+
+ONE_POINT_OH = """
+import sys, json
+sys.path.insert(0, {path!r})
+sys.path.insert(1, {bench!r})
+import flask_executor, bench
+assert flask_executor.__version__ == "1.0.0", flask_executor.__file__
+bench.flask_executor = flask_executor
+print(json.dumps(bench.compare("thread", "request", {n}, {repeats})))
+"""
+
+
+def one_point_oh(n: int, repeats: int) -> dict[str, float]:
+    """Run the thread/request comparison against Flask-Executor 1.0 in a subprocess."""
+    cache = Path(tempfile.gettempdir()) / "flask-executor-1.0"
+    if not (cache / "flask_executor").exists():
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target",
+             str(cache), "flask-executor==1.0.0"],
+            check=True,
+        )  # fmt: skip
+    script = ONE_POINT_OH.format(
+        path=str(cache), bench=str(Path(__file__).parent), n=n, repeats=repeats
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+# -- report --------------------------------------------------------------------------
+
+TARGETS = {  # (submit latency, submit-to-done) ratios the performance issue asks for
+    ("thread", "request"): (1.5, 2.0),
+    ("thread", "app"): (1.3, 1.5),
+    ("process", "request"): (1.1, 1.1),
+    ("process", "app"): (1.1, 1.1),
+    ("process", "none"): (1.1, 1.1),
+    ("gevent", "request"): (1.5, 2.0),
+}
+
+
+def row(label: str, r: dict[str, float], target: tuple[float, float] | None) -> str:
+    goal = f"<= {target[0]}x / <= {target[1]}x" if target else "-"
+    return (
+        f"| {label} | {r['submit_ours_us']:.2f} / {r['submit_raw_us']:.2f} | "
+        f"**{r['submit_ratio']:.2f}x** | {r['done_ours_us']:.2f} / {r['done_raw_us']:.2f} | "
+        f"**{r['done_ratio']:.2f}x** | {goal} |"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny N, one repeat")
+    parser.add_argument("--with-1.0", dest="one", action="store_true", help="add Flask-Executor 1.0")
+    parser.add_argument("--only", help="backend to run: thread, process or gevent")
+    args = parser.parse_args()
+    scale = 0.01 if args.smoke else 1.0
+    repeats = 1 if args.smoke else 7
+    sizes = {"thread": 20_000, "process": 2_000, "gevent": 20_000}
+    try:
+        import gevent  # noqa: F401
+    except ImportError:
+        sizes.pop("gevent")
+    if args.only:
+        sizes = {args.only: sizes[args.only]}
+    print(f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {WORKERS} workers per pool")
+    print("| backend, submitted from | submit µs ours / raw | ratio | submit-to-done µs "
+          "ours / raw | ratio | target |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- |")
+    results: dict[str, dict[str, float]] = {}
+    for backend, size in sizes.items():
+        for where in ("request", "app", "none"):
+            n = max(20, int(size * scale))
+            r = compare(backend, where, n, repeats)
+            results[f"{backend}/{where}"] = r
+            label = f"{backend}, {dict(request='a request', app='app context', none='no context')[where]}"
+            print(row(label, r, TARGETS.get((backend, where))), flush=True)
+    if args.one:
+        r = one_point_oh(int(sizes["thread"] * scale), repeats)
+        print(row("Flask-Executor 1.0: thread, a request", r, None), flush=True)
+    calls = 1000 if args.smoke else 100_000
+    print(f"\nPeak traced memory over {calls:,} submit_stored calls (default bound 50): "
+          f"{stored_memory(calls):.2f} MiB")  # fmt: skip
+    if "gevent" in sizes:
+        tasks = 100 if args.smoke else 10_000
+        w = gevent_waits(tasks, 0.1)
+        print(f"{tasks:,} concurrent 100 ms waits on gevent: ours {w['ours_s']:.3f} s, raw "
+              f"{w['raw_s']:.3f} s ({w['ratio']:.2f}x)")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
