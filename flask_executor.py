@@ -20,10 +20,11 @@ import threading
 import types
 import weakref
 from concurrent.futures import Future
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
 
 from flask import Flask
 from flask.globals import _cv_app
+from flask.signals import appcontext_popped, appcontext_pushed
 
 __version__ = "2.0.0"
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
 
 T = TypeVar("T")
 Task = Callable[..., Any]
+Callback = Callable[[Future[Any]], object]
 
 
 # -- 1. Configuration --------------------------------------------------------------
@@ -107,7 +109,11 @@ class Config:
 
 
 class Backend(abc.ABC):
-    """How the tasks of one EXECUTOR_TYPE run: the pool, and whether they get Flask contexts."""
+    """How the tasks of one EXECUTOR_TYPE run: the pool, and whether they get Flask contexts.
+
+    ``create_pool`` may return any :class:`concurrent.futures.Executor`; to check or wrap
+    each task before it is queued, return a pool whose ``submit`` does so.
+    """
 
     #: True: each task runs inside a copy of its submitter's Flask contexts (GUIDE's table).
     contexts = True
@@ -115,12 +121,6 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def create_pool(self, max_workers: int | None, config: Config) -> concurrent.futures.Executor:
         """Build the pool that one app's tasks run on."""
-
-    def submit(
-        self, pool: concurrent.futures.Executor, fn: Task, args: tuple[Any, ...], kwargs: Any
-    ) -> Future[Any]:
-        """Hand one task to the pool; ``fn`` is already wrapped in contexts if ``contexts``."""
-        return pool.submit(fn, *args, **kwargs)
 
 
 class ThreadBackend(Backend):
@@ -137,17 +137,19 @@ class ProcessBackend(Backend):
     contexts = False
 
     def create_pool(self, max_workers: int | None, config: Config) -> concurrent.futures.Executor:
-        return concurrent.futures.ProcessPoolExecutor(max_workers)
+        return _ProcessPool(max_workers)
 
-    def submit(
-        self, pool: concurrent.futures.Executor, fn: Task, args: tuple[Any, ...], kwargs: Any
-    ) -> Future[Any]:
+
+class _ProcessPool(concurrent.futures.ProcessPoolExecutor):
+    """A process pool that refuses, with the reason, what cannot reach a worker process."""
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         name = getattr(fn, "__qualname__", "")
         if "<lambda>" in name or "<locals>" in name:
             raise TypeError(_unpicklable(fn, "a lambda or nested function has no importable name"))
         if isinstance(getattr(fn, "__self__", None), Flask):
             raise TypeError(_unpicklable(fn, "it is a bound method of the Flask app"))
-        return pool.submit(_ProcessCall(fn, *args, **kwargs))
+        return super().submit(_ProcessCall(fn, *args, **kwargs))
 
 
 class _ProcessCall(functools.partial):  # type: ignore[type-arg]
@@ -264,51 +266,68 @@ def register_backend(name: str, backend: Backend) -> None:
 # -- 3. Contexts -------------------------------------------------------------------
 
 
-class _Contexts:
-    """A task's view of its submitter's contexts, captured at submit; runs it and its callbacks."""
+# What a task keeps of its submitter, captured at submit (kept to a tuple: submit is the
+# request path): (app, a copy of the context variables, a copy of g's attributes or None,
+# whether to push a fresh app context).
+Captured = tuple[Flask, contextvars.Context, Optional[dict[str, Any]], bool]
 
-    __slots__ = ("app", "context", "g", "push")
 
-    def __init__(self, app: Flask, push: bool) -> None:
-        self.app = app
-        self.push = push
-        self.context = contextvars.copy_context()  # request, session, the caller's own variables
-        app_ctx = _cv_app.get(None)
-        self.g = dict(vars(app_ctx.g)) if push and app_ctx is not None else None
+def _capture(app: Flask, push: bool) -> Captured:
+    app_ctx = _cv_app.get(None)
+    g_attrs = app_ctx.g.__dict__.copy() if push and app_ctx is not None else None
+    return (app, contextvars.copy_context(), g_attrs, push)  # copy: request, session, yours
 
-    def run(self, fn: Task, /, *args: Any, **kwargs: Any) -> Any:
-        """Run the task in the captured variables (entered once: a task runs once)."""
-        return self.context.run(self._call, fn, args, kwargs)
 
-    def _call(self, fn: Task, args: tuple[Any, ...], kwargs: Any) -> Any:
-        if not self.push:
+def _run_task(captured: Captured, fn: Task, /, *args: Any, **kwargs: Any) -> Any:
+    """Run a task in the captured variables (entered once: a task runs once)."""
+    app, context, g_attrs, push = captured
+    return context.run(_in_app_context, app, g_attrs, push, fn, args, kwargs)
+
+
+def _run_callback(captured: Captured, fn: Callback, future: Future[Any]) -> None:
+    """Run a done-callback as its task ran; an exception is logged, never raised."""
+    app, context, g_attrs, push = captured
+    try:
+        context.copy().run(_in_app_context, app, g_attrs, push, fn, (future,), {})
+    except Exception:
+        app.logger.exception("done-callback %r raised", fn)
+
+
+def _in_app_context(
+    app: Flask, g_attrs: dict[str, Any] | None, push: bool, fn: Task, args: Any, kwargs: Any
+) -> Any:
+    """Call fn in a fresh app context of app, its g filled from g_attrs; teardown after."""
+    if not push:
+        return fn(*args, **kwargs)
+    app_ctx = app.app_context()
+    if g_attrs:
+        app_ctx.g.__dict__.update(g_attrs)
+    if appcontext_pushed.receivers or appcontext_popped.receivers:
+        with app_ctx:  # Flask's own push and pop, for their listeners
             return fn(*args, **kwargs)
-        app_ctx = self.app.app_context()
-        if self.g:
-            vars(app_ctx.g).update(self.g)
-        with app_ctx:  # a fresh app context: teardown functions run after the task
-            return fn(*args, **kwargs)
-
-    def callback(self, fn: Callable[[Future[Any]], object]) -> Callable[[Future[Any]], None]:
-        """``fn`` run in the same contexts as the task; an exception is logged, not raised."""
-
-        def in_contexts(future: Future[Any]) -> None:
-            try:
-                self.context.copy().run(self._call, fn, (future,), {})
-            except Exception:
-                self.app.logger.exception("done-callback %r raised", fn)
-
-        return in_contexts
+    # The same push and pop without sending two signals nobody listens to: half the cost.
+    token = _cv_app.set(app_ctx)
+    error: BaseException | None = None
+    try:
+        return fn(*args, **kwargs)
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        try:
+            app.do_teardown_appcontext(error)
+        finally:
+            _cv_app.reset(token)
 
 
 class _ContextFuture(Future):  # type: ignore[type-arg]
     """A Future whose done-callbacks run inside its task's Flask contexts."""
 
-    _contexts: _Contexts | None = None
+    _captured: Captured | None = None
 
-    def add_done_callback(self, fn: Callable[[Future[Any]], object]) -> None:
-        if self._contexts is not None:
-            fn = self._contexts.callback(fn)
+    def add_done_callback(self, fn: Callback) -> None:
+        if self._captured is not None:
+            fn = functools.partial(_run_callback, self._captured, fn)
         super().add_done_callback(fn)
 
 
@@ -426,16 +445,16 @@ class _AppState:
         """Submit one task to the pool, replacing the pool once if it is broken."""
         if not callable(fn):
             raise TypeError(f"submit() needs a callable, got {fn!r} ({type(fn).__name__})")
-        contexts = _Contexts(self.app, self.push)
+        captured = _capture(self.app, self.push)
         if self.backend.contexts:
-            fn, args = contexts.run, (fn, *args)
+            fn, args = _run_task, (captured, fn, *args)
         try:
-            future = self.backend.submit(self.pool, fn, args, kwargs)
+            future = self.pool.submit(fn, *args, **kwargs)
         except concurrent.futures.BrokenExecutor:
-            future = self.backend.submit(self._replace_broken(self.pool), fn, args, kwargs)
+            future = self._replace_broken(self.pool).submit(fn, *args, **kwargs)
         if type(future) is Future:
             future.__class__ = _ContextFuture
-        future._contexts = contexts  # type: ignore[attr-defined]
+        future._captured = captured  # type: ignore[attr-defined]
         return future
 
     def attach_callbacks(self, future: Future[T], fn: Task) -> Future[T]:
@@ -484,7 +503,7 @@ class Executor(concurrent.futures.Executor):
         self._key = name + "executor"  # 1.0's key; per-app state lives under _state_key
         self._state_key = f"{__name__}:{self._key}"
         self._apps: weakref.WeakSet[Flask] = weakref.WeakSet()
-        self._default_callbacks: list[Callable[[Future[Any]], object]] = []
+        self._default_callbacks: list[Callback] = []
         if app is not None:
             self.init_app(app)
 
@@ -520,7 +539,10 @@ class Executor(concurrent.futures.Executor):
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         """Run ``fn(*args, **kwargs)`` in the background; return its Future at once."""
         state = self._state()
-        return state.attach_callbacks(state.start(fn, args, kwargs), fn)
+        future = state.start(fn, args, kwargs)
+        if state.propagate or self._default_callbacks:
+            state.attach_callbacks(future, fn)
+        return future
 
     def submit_stored(
         self, future_key: Any, fn: Callable[..., T], /, *args: Any, **kwargs: Any
@@ -550,7 +572,7 @@ class Executor(concurrent.futures.Executor):
         """Decorator: ``fn.submit(...)``, ``fn.submit_stored(key, ...)``, ``fn.map(...)``."""
         return ExecutorJob(self, fn)
 
-    def add_default_done_callback(self, fn: Callable[[Future[Any]], object]) -> None:
+    def add_default_done_callback(self, fn: Callback) -> None:
         """Attach ``fn`` to every Future this executor creates from now on."""
         self._default_callbacks.append(fn)
 

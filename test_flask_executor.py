@@ -359,6 +359,24 @@ class TestContexts:
         assert torn[0] == (1, None)
         assert torn[1][0] == 1 and isinstance(torn[1][1], ValueError)
 
+    def test_app_context_signals_fire_for_tasks(self, make_executor, context_backend):
+        from flask import appcontext_popped, appcontext_pushed, appcontext_tearing_down
+
+        app, executor = make_executor(EXECUTOR_TYPE=context_backend)
+        heard: list[tuple[str, object]] = []
+        with app.app_context():
+            g.value = "signal"
+            run(executor.submit(square, 1))  # nobody listening to pushed/popped: lean path
+            with (
+                appcontext_pushed.connected_to(lambda a: heard.append(("pushed", g.value)), app),
+                appcontext_popped.connected_to(lambda a: heard.append(("popped", a.name)), app),
+                appcontext_tearing_down.connected_to(
+                    lambda a, exc: heard.append(("down", exc)), app
+                ),
+            ):
+                run(executor.submit(square, 2))
+        assert heard == [("pushed", "signal"), ("down", None), ("popped", "test_app")]
+
     def test_context_variables_of_the_submitter_are_visible(self, make_executor, context_backend):
         app, executor = make_executor(EXECUTOR_TYPE=context_backend)
         span = contextvars.ContextVar("span")

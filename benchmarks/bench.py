@@ -40,6 +40,7 @@ import flask_executor  # noqa: E402
 
 WORKERS = 4
 HOLD = multiprocessing.Event()  # inherited by forked process workers: holds them busy
+STARTED = multiprocessing.Semaphore(0)  # released by each blocker once it runs
 Submit = Callable[..., Any]
 
 
@@ -48,6 +49,7 @@ def noop() -> None:
 
 
 def block() -> None:
+    STARTED.release()
     HOLD.wait(60)
 
 
@@ -63,8 +65,13 @@ class Side:
         self.busy = busy  # tasks that occupy every worker; 0 where submit never competes
 
     def hold(self) -> list[Any]:
+        """Occupy every worker, and return once each of them is blocked."""
         HOLD.clear()
-        return [self.submit(block) for _ in range(self.busy)]
+        held = [self.submit(block) for _ in range(self.busy)]
+        for _ in held:
+            if not STARTED.acquire(timeout=60):
+                raise RuntimeError("a blocker never started")
+        return held
 
     def release(self, held: list[Any]) -> None:
         HOLD.set()
