@@ -272,12 +272,6 @@ def register_backend(name: str, backend: Backend) -> None:
 Captured = tuple[Flask, contextvars.Context, Optional[dict[str, Any]], bool]
 
 
-def _capture(app: Flask, push: bool) -> Captured:
-    app_ctx = _cv_app.get(None)
-    g_attrs = app_ctx.g.__dict__.copy() if push and app_ctx is not None else None
-    return (app, contextvars.copy_context(), g_attrs, push)  # copy: request, session, yours
-
-
 def _run_task(captured: Captured, fn: Task, /, *args: Any, **kwargs: Any) -> Any:
     """Run a task in the captured variables (entered once: a task runs once)."""
     app, context, g_attrs, push = captured
@@ -422,6 +416,7 @@ class _AppState:
         self.app = app
         self.executor = executor
         self.backend = config.backend()
+        self.contexts = self.backend.contexts
         max_workers = config.number("EXECUTOR_MAX_WORKERS", None)
         max_length = config.number("EXECUTOR_FUTURES_MAX_LENGTH", 50)
         self.propagate = config.flag("EXECUTOR_PROPAGATE_EXCEPTIONS", False)
@@ -445,8 +440,11 @@ class _AppState:
         """Submit one task to the pool, replacing the pool once if it is broken."""
         if not callable(fn):
             raise TypeError(f"submit() needs a callable, got {fn!r} ({type(fn).__name__})")
-        captured = _capture(self.app, self.push)
-        if self.backend.contexts:
+        app_ctx = _cv_app.get(None)
+        g_attrs = app_ctx.g.__dict__.copy() if self.push and app_ctx is not None else None
+        # the copied variables hold the request, the session and the caller's own variables
+        captured = (self.app, contextvars.copy_context(), g_attrs, self.push)
+        if self.contexts:
             fn, args = _run_task, (captured, fn, *args)
         try:
             future = self.pool.submit(fn, *args, **kwargs)
@@ -454,7 +452,7 @@ class _AppState:
             future = self._replace_broken(self.pool).submit(fn, *args, **kwargs)
         if type(future) is Future:
             future.__class__ = _ContextFuture
-        future._captured = captured  # type: ignore[attr-defined]
+        future._captured = captured  # type: ignore[attr-defined]  # for its callbacks
         return future
 
     def attach_callbacks(self, future: Future[T], fn: Task) -> Future[T]:

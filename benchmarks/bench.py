@@ -10,7 +10,8 @@ the raw pool (ThreadPoolExecutor / ProcessPoolExecutor / gevent.pool.Pool, same 
 count), alternating A B A B. It prints per-task microseconds and the ratios of:
 
 - submit latency: time the caller spends in submit, with the pool's workers held busy
-  (blocked on an event) so it is the caller's own cost; the minimum over the repeats;
+  (blocked on an event) so it is the caller's own cost; timed in batches of 100 submits,
+  the fastest batch over all repeats (noise on a shared machine only ever adds time);
 - submit-to-done: N tasks submitted and all finished; the median ratio of the pairs.
 """
 
@@ -136,17 +137,21 @@ class _NoContext:
 # -- the two measurements ------------------------------------------------------------
 
 
-def submit_latency(side: Side, n: int) -> float:
-    """Seconds per submit, workers held busy."""
+def submit_latency(side: Side, n: int, batch: int = 100) -> list[float]:
+    """Seconds per submit, workers held busy: one figure per batch of `batch` submits."""
     held = side.hold()
+    submit, futures, per_batch = side.submit, [], []
+    clock = time.perf_counter
     gc.disable()
-    start = time.perf_counter()
-    futures = [side.submit(noop) for _ in range(n)]
-    elapsed = time.perf_counter() - start
+    for _ in range(max(1, n // batch)):
+        start = clock()
+        for _ in range(batch):
+            futures.append(submit(noop))
+        per_batch.append((clock() - start) / batch)
     gc.enable()
     side.release(held)
     side.wait_all(futures)
-    return elapsed / n
+    return per_batch
 
 
 def submit_to_done(side: Side, n: int) -> float:
@@ -168,8 +173,8 @@ def compare(backend: str, where: str, n: int, repeats: int) -> dict[str, float]:
             submit_to_done(raw, min(n, 200))
             lat_ours, lat_raw, done_ratios, done_ours, done_raw = [], [], [], [], []
             for _ in range(repeats):  # alternate A B A B
-                lat_ours.append(submit_latency(ours, n))
-                lat_raw.append(submit_latency(raw, n))
+                lat_ours.extend(submit_latency(ours, n))
+                lat_raw.extend(submit_latency(raw, n))
                 a, b = submit_to_done(ours, n), submit_to_done(raw, n)
                 done_ours.append(a)
                 done_raw.append(b)
