@@ -14,6 +14,7 @@ import contextvars
 import functools
 import itertools
 import os
+import pickle
 import re
 import sys
 import threading
@@ -156,20 +157,27 @@ class _ProcessCall(functools.partial):  # type: ignore[type-arg]
     """A call for a worker process that, when it cannot be pickled, says which object failed."""
 
     def __reduce__(self) -> tuple[Any, ...]:
-        from multiprocessing.reduction import ForkingPickler
-
+        call = functools.partial(self.func, *self.args, **self.keywords)
         try:
-            payload = bytes(
-                ForkingPickler.dumps(functools.partial(self.func, *self.args, **self.keywords))
-            )
-        except Exception as exc:
-            for culprit in (self.func, *self.args, *self.keywords.values()):
-                try:
-                    ForkingPickler.dumps(culprit)
-                except Exception:
-                    break
-            raise TypeError(_unpicklable(culprit, str(exc))) from exc
-        return (ForkingPickler.loads, (payload,))
+            payload = pickle.dumps(call, pickle.HIGHEST_PROTOCOL)
+        except Exception:
+            payload = _forking_dumps(call)  # multiprocessing's own reducers, or a clear error
+        return (pickle.loads, (payload,))
+
+
+def _forking_dumps(call: functools.partial[Any]) -> bytes:
+    from multiprocessing.reduction import ForkingPickler
+
+    try:
+        return bytes(ForkingPickler.dumps(call))
+    except Exception as exc:
+        culprit: object = call.func
+        for culprit in (call.func, *call.args, *call.keywords.values()):
+            try:
+                ForkingPickler.dumps(culprit)
+            except Exception:
+                break
+        raise TypeError(_unpicklable(culprit, str(exc))) from exc
 
 
 def _unpicklable(obj: object, why: str) -> str:
@@ -500,7 +508,7 @@ class Executor(concurrent.futures.Executor):
         self.name = name
         self._key = name + "executor"  # 1.0's key; per-app state lives under _state_key
         self._state_key = f"{__name__}:{self._key}"
-        self._apps: weakref.WeakSet[Flask] = weakref.WeakSet()
+        self._apps: list[weakref.ref[Flask]] = []  # the apps it serves; dead ones drop out
         self._default_callbacks: list[Callback] = []
         if app is not None:
             self.init_app(app)
@@ -514,7 +522,7 @@ class Executor(concurrent.futures.Executor):
             )
         app.extensions[self._state_key] = _AppState(self, app)
         app.extensions[self._key] = self
-        self._apps.add(app)
+        self._apps.append(weakref.ref(app, self._apps.remove))
 
     def _state(self) -> _AppState:
         """This executor's state on ``current_app``, else on the only app it serves."""
@@ -524,11 +532,11 @@ class Executor(concurrent.futures.Executor):
             if state is not None:
                 return state
             where = f"app {app_ctx.app.name!r} (the current app)"
+        elif len(self._apps) == 1 and (app := self._apps[0]()) is not None:
+            return app.extensions[self._state_key]  # type: ignore[no-any-return]
         else:
-            apps = list(self._apps)
-            if len(apps) == 1:
-                return apps[0].extensions[self._state_key]  # type: ignore[no-any-return]
-            where = "any app" if not apps else f"one of {len(apps)} apps without an app context"
+            apps = len(self._apps)
+            where = "any app" if not apps else f"one of {apps} apps without an app context"
         raise RuntimeError(
             f"Executor {self.name!r} is not initialised on {where}: call "
             "executor.init_app(app) first, or push an app context (with app.app_context():)"
@@ -581,8 +589,9 @@ class Executor(concurrent.futures.Executor):
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Shut down the pool of every app this executor serves; later submits raise."""
-        for app in list(self._apps):
-            app.extensions[self._state_key].shutdown(wait, cancel_futures)
+        for app in [ref() for ref in self._apps]:
+            if app is not None:
+                app.extensions[self._state_key].shutdown(wait, cancel_futures)
 
 
 def _chunks(items: Iterator[tuple[Any, ...]], size: int) -> Iterator[list[tuple[Any, ...]]]:
