@@ -12,6 +12,7 @@ import collections
 import concurrent.futures
 import contextvars
 import functools
+import inspect
 import itertools
 import os
 import pickle
@@ -466,8 +467,9 @@ class _AppState:
     def attach_callbacks(self, future: Future[T], fn: Task) -> Future[T]:
         if self.propagate:
             Future.add_done_callback(future, functools.partial(_log_failure, self.app, fn))
-        for callback in self.executor._default_callbacks:
-            future.add_done_callback(callback)
+        captured = future._captured  # type: ignore[attr-defined]
+        for callback in self.executor._default_callbacks:  # in contexts, whatever the Future
+            Future.add_done_callback(future, functools.partial(_run_callback, captured, callback))
         return future
 
     def _replace_broken(self, broken: concurrent.futures.Executor) -> concurrent.futures.Executor:
@@ -485,7 +487,10 @@ class _AppState:
     def shutdown(self, wait: bool, cancel_futures: bool) -> None:
         with self._pool_lock:
             self._shutdown = True
-        self.pool.shutdown(wait=wait, cancel_futures=cancel_futures)
+        if cancel_futures and "cancel_futures" in inspect.signature(self.pool.shutdown).parameters:
+            self.pool.shutdown(wait=wait, cancel_futures=True)
+        else:  # pools that predate cancel_futures (Dask's, loky's) run what they queued
+            self.pool.shutdown(wait=wait)
 
 
 def _log_failure(app: Flask, fn: Task, future: Future[Any]) -> None:

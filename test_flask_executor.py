@@ -7,6 +7,7 @@ import concurrent.futures as cf
 import contextvars
 import gc
 import json
+import logging
 import os
 import pickle
 import shutil
@@ -1319,3 +1320,282 @@ def test_futures_dict_under_concurrent_threads(per_thread_ops):
     assert all(all(seen) for seen in outcomes.values())
     expected = {key: f for model in models.values() for key, f in model.items()}
     assert dict(futures._futures) == expected and len(futures) == len(expected)
+
+
+# -- databases in tasks: Flask-SQLAlchemy on a real SQLite file -------------------------
+
+
+def rename_in_worker(database_url: str, item_id: int, name: str) -> str:
+    """The process-backend pattern: take an id, open an engine and a session in the worker."""
+    import sqlalchemy as sa
+    from sqlalchemy.orm import Session
+
+    engine = sa.create_engine(database_url)
+    try:
+        with Session(engine) as db_session, db_session.begin():
+            table = sa.table("item", sa.column("id"), sa.column("name"))
+            db_session.execute(sa.update(table).where(table.c.id == item_id).values(name=name))
+        return name
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def database(tmp_path, executors):
+    """An app with Flask-SQLAlchemy on a SQLite file, its table, and an Item model."""
+    fsa = pytest.importorskip("flask_sqlalchemy")
+    db = fsa.SQLAlchemy()
+
+    class Item(db.Model):  # type: ignore[name-defined]
+        id = db.Column(db.Integer, primary_key=True)
+        name = db.Column(db.String(50), unique=True)
+
+    def make(backend: str, **config: object) -> Flask:
+        app = make_app(
+            SQLALCHEMY_DATABASE_URI=f"sqlite:///{tmp_path / 'app.db'}",
+            SQLALCHEMY_ENGINE_OPTIONS={"connect_args": {"timeout": 30}},
+            EXECUTOR_TYPE=backend,
+            **config,
+        )
+        db.init_app(app)
+        with app.app_context():
+            db.create_all()
+        executors.append(Executor(app))
+        return app
+
+    return make, db, Item
+
+
+DB_BACKENDS = ["thread", "gevent"]
+
+
+class TestDatabases:
+    @pytest.fixture(autouse=True)
+    def _backend(self, request):
+        if "gevent" in request.node.name:
+            pytest.importorskip("gevent")
+
+    @pytest.mark.parametrize("backend", DB_BACKENDS)
+    def test_failed_commit_does_not_break_the_next_task(self, database, backend):
+        make, db, Item = database
+        app = make(backend, EXECUTOR_MAX_WORKERS=1)  # one worker: the thread is reused
+        executor = app.extensions["executor"]
+
+        def insert(name: str) -> int:
+            item = Item(name=name)
+            db.session.add(item)
+            db.session.commit()  # no rollback on failure: the task just raises
+            return item.id
+
+        with app.app_context():
+            assert run(executor.submit(insert, "same")) == 1
+            with pytest.raises(sa_integrity_error()):
+                run(executor.submit(insert, "same"))  # unique constraint
+            assert run(executor.submit(insert, "next")) == 2  # the same worker, a clean session
+            assert sorted(db.session.scalars(db.select(Item.name))) == ["next", "same"]
+
+    @pytest.mark.parametrize("backend", DB_BACKENDS)
+    def test_concurrent_tasks_each_commit(self, database, backend):
+        make, db, Item = database
+        app = make(backend, EXECUTOR_MAX_WORKERS=8)
+        executor = app.extensions["executor"]
+
+        def insert(n: int) -> int:
+            db.session.add(Item(name=f"row-{n}"))
+            db.session.commit()
+            return n
+
+        with app.app_context():
+            futures = [executor.submit(insert, n) for n in range(40)]
+            assert sorted(run(f) for f in futures) == list(range(40))
+            names = set(db.session.scalars(db.select(Item.name)))
+        assert names == {f"row-{n}" for n in range(40)}
+
+    @pytest.mark.parametrize("backend", DB_BACKENDS)
+    def test_task_never_shares_the_views_session(self, database, backend):
+        make, db, Item = database
+        app = make(backend)
+        executor = app.extensions["executor"]
+
+        def task_commit() -> tuple[int, bool]:
+            seen = db.session.scalar(db.select(db.func.count()).select_from(Item))
+            db.session.add(Item(name="from-task"))
+            db.session.commit()
+            return seen, view_session is db.session()
+
+        with app.test_request_context("/"):
+            view_session = db.session()
+            db.session.add(Item(name="from-view"))  # pending in the view, never flushed
+            seen, shared = run(executor.submit(task_commit))
+            assert (seen, shared) == (0, False)  # the view's pending row is not visible
+            db.session.rollback()  # the view changes its mind
+            names = list(db.session.scalars(db.select(Item.name)))
+        assert names == ["from-task"]  # the task's commit did not commit the view's row
+
+    def test_process_backend_pattern_pass_ids(self, database, tmp_path):
+        make, db, Item = database
+        app = make("process", EXECUTOR_MAX_WORKERS=1)
+        executor = app.extensions["executor"]
+        with app.app_context():
+            item = Item(name="before")
+            db.session.add(item)
+            db.session.commit()
+            url = db.engine.url.render_as_string(hide_password=False)
+            future = executor.submit(rename_in_worker, url, item.id, "after")
+            assert future.result(TIMEOUT) == "after"
+            db.session.expire_all()
+            assert db.session.get(Item, item.id).name == "after"
+
+
+def sa_integrity_error() -> type[BaseException]:
+    import sqlalchemy.exc
+
+    return sqlalchemy.exc.IntegrityError
+
+
+# -- beyond one machine: the README's Dask and loky recipes, against real pools ----------
+
+
+def readme_recipe(name: str) -> dict[str, object]:
+    """Execute the README's ``# recipe: name`` code block; return its namespace."""
+    text = (HERE / "README.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
+    (code,) = [b for b in blocks if b.startswith(f"# recipe: {name}")]
+    namespace: dict[str, object] = {"__name__": f"readme_{name}"}
+    exec(compile(code, f"README.md ({name})", "exec"), namespace)
+    return namespace
+
+
+def pid_after(release: str, pid_dir: str) -> int:
+    """Record this worker's pid, wait for the release file, return the pid."""
+    Path(pid_dir, str(os.getpid())).write_text("")
+    wait_for(release, timeout=60)
+    return os.getpid()
+
+
+remote = Executor(name="remote")  # the Dask tests' executor, with a module-level job
+
+
+@remote.job
+def double(x: int) -> int:
+    return 2 * x
+
+
+@pytest.fixture(scope="module")
+def dask_cluster():
+    distributed = pytest.importorskip("distributed")
+    cluster = distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+        dashboard_address=None, silence_logs=logging.ERROR,
+    )  # fmt: skip
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+class TestDask:
+    @pytest.fixture
+    def dask_app(self, dask_cluster, monkeypatch, executors):
+        monkeypatch.setattr(flask_executor, "BACKENDS", dict(flask_executor.BACKENDS))
+        readme_recipe("dask")
+        app = make_app(
+            REMOTE_EXECUTOR_TYPE="dask",
+            REMOTE_EXECUTOR_DASK_ADDRESS=dask_cluster.scheduler_address,
+            REMOTE_EXECUTOR_PROPAGATE_EXCEPTIONS=True,
+        )
+        remote.init_app(app)
+        executors.append(remote)
+        return app, remote
+
+    def test_submit_map_stored_and_jobs(self, dask_app):
+        app, executor = dask_app
+        with app.test_request_context("/?q=dask"):
+            assert executor.submit(add, 2, y=3).result(TIMEOUT) == 5
+            assert executor.submit(worker_pid).result(TIMEOUT) != os.getpid()
+            assert list(executor.map(square, range(5), timeout=TIMEOUT)) == [0, 1, 4, 9, 16]
+            executor.submit_stored("d", square, 9)
+            deadline = time.monotonic() + TIMEOUT
+            while not executor.futures.done("d") and time.monotonic() < deadline:
+                time.sleep(0.01)  # polling the futures dict is what this test is about
+            assert executor.futures._state("d") == "FINISHED"
+            assert executor.futures.pop("d").result() == 81
+            assert double.submit(3).result(TIMEOUT) == 6  # a job, pickled by name
+            assert executor.submit(lambda x: x + 1, 1).result(TIMEOUT) == 2  # cloudpickle
+            box: list = []
+            future = executor.submit(square, 4)
+            future.add_done_callback(lambda f: box.append(request.args["q"]))
+            future.result(TIMEOUT)
+        deadline = time.monotonic() + TIMEOUT
+        while not box and time.monotonic() < deadline:
+            time.sleep(0.01)  # the callback runs on Dask's client thread
+        assert box == ["dask"]  # callbacks run in the web process, in contexts
+
+    def test_exceptions_are_returned_and_logged(self, dask_app, caplog):
+        app, executor = dask_app
+        with app.app_context():
+            future = executor.submit(fail, "remote")
+            with pytest.raises(ValueError, match="remote"):
+                future.result(TIMEOUT)
+        deadline = time.monotonic() + TIMEOUT
+        while "background task" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert "background task" in caplog.text and "remote" in caplog.text
+
+    def test_killed_worker_mid_task_is_run_again(self, dask_app, tmp_path):
+        app, executor = dask_app
+        pids, release = tmp_path / "pids", str(tmp_path / "release")
+        pids.mkdir()
+        with app.app_context():
+            future = executor.submit(pid_after, release, str(pids))
+            first = int(Path(wait_for_entry(pids)).name)
+            os.kill(first, signal.SIGKILL)  # the worker dies mid-task
+            deadline = time.monotonic() + 60
+            while len(list(pids.iterdir())) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)  # the scheduler gives the task to another worker
+            Path(release).write_text("")
+            second = future.result(60)
+        assert second != first and {first, second} <= {int(p.name) for p in pids.iterdir()}
+
+
+def wait_for_entry(folder: Path, timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        entries = list(folder.iterdir())
+        if entries:
+            return str(entries[0])
+        time.sleep(0.02)
+    raise TimeoutError(folder)
+
+
+class TestLoky:
+    @pytest.fixture
+    def loky_app(self, monkeypatch, executors):
+        pytest.importorskip("loky")
+        monkeypatch.setattr(flask_executor, "BACKENDS", dict(flask_executor.BACKENDS))
+        readme_recipe("loky")
+        app = make_app(EXECUTOR_TYPE="loky", EXECUTOR_MAX_WORKERS=2)
+        executor = Executor(app)
+        executors.append(executor)
+        return app, executor
+
+    def test_closures_run_in_worker_processes(self, loky_app):
+        app, executor = loky_app
+        offset = 10
+        with app.app_context():
+            assert executor.submit(lambda x: x + offset, 5).result(TIMEOUT) == 15
+            assert executor.submit(lambda: os.getpid()).result(TIMEOUT) != os.getpid()
+            assert list(executor.map(lambda x: x * offset, range(3), timeout=TIMEOUT)) == [
+                0,
+                10,
+                20,
+            ]
+            with pytest.raises(ValueError, match="loky"):
+                executor.submit(fail, "loky").result(TIMEOUT)
+
+    def test_crashed_worker_heals(self, loky_app):
+        app, executor = loky_app
+        with app.app_context():
+            with pytest.raises(cf.BrokenExecutor):
+                executor.submit(die).result(TIMEOUT)
+            assert executor.submit(square, 6).result(TIMEOUT) == 36

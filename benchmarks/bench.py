@@ -27,7 +27,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import tracemalloc
 from pathlib import Path
@@ -35,9 +34,9 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flask import Flask, g  # noqa: E402
+from flask import Flask, g
 
-import flask_executor  # noqa: E402
+import flask_executor
 
 WORKERS = 4
 HOLD = multiprocessing.Event()  # inherited by forked process workers: holds them busy
@@ -277,6 +276,9 @@ TARGETS = {  # (submit latency, submit-to-done) ratios the performance issue ask
 }
 
 
+PLACES = {"request": "a request", "app": "app context", "none": "no context"}
+
+
 def row(label: str, r: dict[str, float], target: tuple[float, float] | None) -> str:
     goal = f"<= {target[0]}x / <= {target[1]}x" if target else "-"
     return (
@@ -289,7 +291,9 @@ def row(label: str, r: dict[str, float], target: tuple[float, float] | None) -> 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny N, one repeat")
-    parser.add_argument("--with-1.0", dest="one", action="store_true", help="add Flask-Executor 1.0")
+    parser.add_argument(
+        "--with-1.0", dest="one", action="store_true", help="add Flask-Executor 1.0"
+    )
     parser.add_argument("--only", help="backend to run: thread, process or gevent")
     args = parser.parse_args()
     scale = 0.01 if args.smoke else 1.0
@@ -311,7 +315,7 @@ def main() -> int:
             n = max(20, int(size * scale))
             r = compare(backend, where, n, repeats)
             results[f"{backend}/{where}"] = r
-            label = f"{backend}, {dict(request='a request', app='app context', none='no context')[where]}"
+            label = f"{backend}, {PLACES[where]}"
             print(row(label, r, TARGETS.get((backend, where))), flush=True)
     if args.one:
         r = one_point_oh(int(sizes["thread"] * scale), repeats)
