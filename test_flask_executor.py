@@ -1599,3 +1599,48 @@ class TestLoky:
             with pytest.raises(cf.BrokenExecutor):
                 executor.submit(die).result(TIMEOUT)
             assert executor.submit(square, 6).result(TIMEOUT) == 36
+
+
+# -- misuse: the README's error table, row by row (those not tested above) ----------------
+
+
+class TestMisuse:
+    def test_unpicklable_argument_names_the_object(self, make_executor):
+        app, executor = make_executor(EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=1)
+        with app.app_context():
+            future = executor.submit(add, threading.Lock(), 1)
+            with pytest.raises(TypeError, match=r"cannot send <unlocked _thread.lock .* cannot"):
+                future.result(TIMEOUT)
+            assert executor.submit(add, 1, 1).result(TIMEOUT) == 2  # the pool goes on
+
+    def test_bound_method_of_the_app_is_refused(self, make_executor):
+        app, executor = make_executor(EXECUTOR_TYPE="process")
+        with app.app_context(), pytest.raises(TypeError, match="bound method of the Flask app"):
+            executor.submit(app.make_response, "x")
+
+    def test_closure_is_refused_at_submit(self, make_executor):
+        app, executor = make_executor(EXECUTOR_TYPE="process")
+
+        def inner() -> int:
+            return 1
+
+        with app.app_context(), pytest.raises(TypeError, match=r"cannot send .*inner.* nested"):
+            executor.submit(inner)
+
+    def test_bad_chunksize(self, make_executor):
+        app, executor = make_executor()
+        with app.app_context(), pytest.raises(ValueError, match="chunksize must be >= 1, got 0"):
+            executor.map(square, [1], chunksize=0)
+
+
+def test_readme_gevent_threads_recipe(monkeypatch, executors):
+    pytest.importorskip("gevent")
+    monkeypatch.setattr(flask_executor, "BACKENDS", dict(flask_executor.BACKENDS))
+    readme_recipe("gevent-threads")
+    app = make_app(EXECUTOR_TYPE="gevent-threads")
+    executor = Executor(app)
+    executors.append(executor)
+    with app.test_request_context("/?q=real"):
+        future = executor.submit(lambda: (request.args["q"], threading.get_ident()))
+        assert future.result(TIMEOUT) == ("real", future.result()[1])
+        assert future.result()[1] != threading.get_ident()  # a real thread, not the caller
