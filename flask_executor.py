@@ -49,6 +49,13 @@ Callback = Callable[[Future[Any]], object]
 
 # -- 1. Configuration --------------------------------------------------------------
 
+_KEYS = [
+    "EXECUTOR_TYPE",
+    "EXECUTOR_MAX_WORKERS",
+    "EXECUTOR_FUTURES_MAX_LENGTH",
+    "EXECUTOR_PROPAGATE_EXCEPTIONS",
+    "EXECUTOR_PUSH_APP_CONTEXT",
+]
 _TRUE = {"1", "true", "t", "yes", "y", "on"}
 _FALSE = {"0", "false", "f", "no", "n", "off"}
 
@@ -208,18 +215,17 @@ class _GeventExecutor(concurrent.futures.Executor):
     def __init__(self, max_workers: int | None) -> None:
         import gevent.pool
 
+        self._get_hub = gevent.get_hub
         self._pool = gevent.pool.Pool(max_workers)
         # Tasks that found every slot busy, oldest first: a full Pool.spawn would block.
         self._waiting: collections.deque[tuple[Any, ...]] = collections.deque()
         self._shutdown = False
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
-        import gevent
-
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
         future = _GeventFuture()
-        future._hub = gevent.get_hub()
+        future._hub = self._get_hub()  # the hub whose loop will run the greenlet
         if self._pool.full():
             self._waiting.append((future, fn, args, kwargs))
         else:
@@ -430,13 +436,8 @@ class _AppState:
         max_length = config.number("EXECUTOR_FUTURES_MAX_LENGTH", 50)
         self.propagate = config.flag("EXECUTOR_PROPAGATE_EXCEPTIONS", False)
         self.push = config.flag("EXECUTOR_PUSH_APP_CONTEXT", True)
-        for key, value in [
-            ("EXECUTOR_TYPE", config.get("EXECUTOR_TYPE", "thread")),
-            ("EXECUTOR_MAX_WORKERS", max_workers),
-            ("EXECUTOR_FUTURES_MAX_LENGTH", max_length),
-            ("EXECUTOR_PROPAGATE_EXCEPTIONS", self.propagate),
-            ("EXECUTOR_PUSH_APP_CONTEXT", self.push),
-        ]:
+        used = [config.get("EXECUTOR_TYPE", "thread"), max_workers, max_length]
+        for key, value in zip(_KEYS, [*used, self.propagate, self.push]):  # _KEYS' order
             app.config.setdefault(config.prefix + key, value)
         self.max_workers = max_workers
         self.config = config
@@ -511,6 +512,8 @@ class Executor(concurrent.futures.Executor):
                 f"Executor name {name!r} may only contain letters, digits and underscores"
             )
         self.name = name
+        for key in _KEYS:  # 1.0 exposed the prefixed key names: executor.EXECUTOR_TYPE
+            setattr(self, key, f"{name.upper()}_{key}" if name else key)
         self._key = name + "executor"  # 1.0's key; per-app state lives under _state_key
         self._state_key = f"{__name__}:{self._key}"
         self._apps: list[weakref.ref[Flask]] = []  # the apps it serves; dead ones drop out

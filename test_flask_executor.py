@@ -138,6 +138,8 @@ class TestConfig:
             name="custom", CUSTOM_EXECUTOR_MAX_WORKERS=2, EXECUTOR_MAX_WORKERS=7
         )
         assert app.extensions["customexecutor"] is executor
+        assert executor.EXECUTOR_MAX_WORKERS == "CUSTOM_EXECUTOR_MAX_WORKERS"  # as in 1.0
+        assert app.config[executor.EXECUTOR_TYPE] == "thread"
         state = app.extensions[executor._state_key]
         assert state.max_workers == 2
         assert state.pool._max_workers == 2
