@@ -1489,6 +1489,7 @@ def dask_cluster():
     cluster = distributed.LocalCluster(
         n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
         dashboard_address=None, silence_logs=logging.ERROR,
+        scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},  # its HTTP endpoint: any free port
     )  # fmt: skip
     try:
         yield cluster
