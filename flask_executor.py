@@ -466,11 +466,14 @@ class _AppState:
         return future
 
     def attach_callbacks(self, future: Future[T], fn: Task) -> Future[T]:
+        callbacks: list[Callback] = list(self.executor._default_callbacks)
         if self.propagate:
-            Future.add_done_callback(future, functools.partial(_log_failure, self.app, fn))
+            callbacks.insert(0, functools.partial(_log_failure, self.app, fn))
         captured = future._captured  # type: ignore[attr-defined]
-        for callback in self.executor._default_callbacks:  # in contexts, whatever the Future
-            Future.add_done_callback(future, functools.partial(_run_callback, captured, callback))
+        for callback in callbacks:
+            if not isinstance(future, _ContextFuture):  # another pool's future: wrap it here
+                callback = functools.partial(_run_callback, captured, callback)
+            future.add_done_callback(callback)
         return future
 
     def _replace_broken(self, broken: concurrent.futures.Executor) -> concurrent.futures.Executor:

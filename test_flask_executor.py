@@ -1643,7 +1643,11 @@ def test_readme_gevent_threads_recipe(monkeypatch, executors):
     app = make_app(EXECUTOR_TYPE="gevent-threads")
     executor = Executor(app)
     executors.append(executor)
+    heard: list[str] = []
+    called = threading.Event()
+    executor.add_default_done_callback(lambda f: (heard.append(request.args["q"]), called.set()))
     with app.test_request_context("/?q=real"):
         future = executor.submit(lambda: (request.args["q"], threading.get_ident()))
         assert future.result(TIMEOUT) == ("real", future.result()[1])
         assert future.result()[1] != threading.get_ident()  # a real thread, not the caller
+    assert called.wait(TIMEOUT) and heard == ["real"]  # its futures are gevent's own proxies
