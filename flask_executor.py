@@ -60,12 +60,17 @@ _TRUE = {"1", "true", "t", "yes", "y", "on"}
 _FALSE = {"0", "false", "f", "no", "n", "off"}
 
 
+def _prefix(name: str) -> str:
+    """What a named executor's keys start with: ``Executor(name='mail')`` reads ``MAIL_...``."""
+    return f"{name.upper()}_" if name else ""
+
+
 class Config:
     """One executor's keys on one app: ``NAME_EXECUTOR_*`` from app.config, else os.environ."""
 
     def __init__(self, app: Flask, name: str) -> None:
         self.app = app
-        self.prefix = f"{name.upper()}_" if name else ""
+        self.prefix = _prefix(name)
 
     def get(self, key: str, default: Any = None) -> Any:
         """The raw value of ``key`` (given unprefixed, e.g. ``'EXECUTOR_TYPE'``)."""
@@ -516,7 +521,7 @@ class Executor(concurrent.futures.Executor):
             )
         self.name = name
         for key in _KEYS:  # 1.0 exposed the prefixed key names: executor.EXECUTOR_TYPE
-            setattr(self, key, f"{name.upper()}_{key}" if name else key)
+            setattr(self, key, _prefix(name) + key)
         self._key = name + "executor"  # 1.0's key; per-app state lives under _state_key
         self._state_key = f"{__name__}:{self._key}"
         self._apps: list[weakref.ref[Flask]] = []  # the apps it serves; dead ones drop out

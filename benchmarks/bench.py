@@ -83,8 +83,8 @@ def wait_futures(futures: list[Any]) -> None:
         future.result(120)
 
 
-def sides(backend: str) -> tuple[Side, Side, Callable[[], None]]:
-    """(ours, raw, close) for one backend."""
+def sides(backend: str) -> tuple[Flask, Side, Side, Callable[[], None]]:
+    """(our app, ours, raw, close) for one backend."""
     app = Flask("bench")
     app.config.update(EXECUTOR_TYPE=backend, EXECUTOR_MAX_WORKERS=WORKERS)
     if backend == "gevent":
@@ -110,8 +110,7 @@ def sides(backend: str) -> tuple[Side, Side, Callable[[], None]]:
         else:
             raw_pool.shutdown()
 
-    ours.app = app  # type: ignore[attr-defined]
-    return ours, raw, close
+    return app, ours, raw, close
 
 
 def place(app: Flask, where: str) -> Any:
@@ -162,9 +161,9 @@ def submit_to_done(side: Side, n: int) -> float:
 
 
 def compare(backend: str, where: str, n: int, repeats: int) -> dict[str, float]:
-    ours, raw, close = sides(backend)
+    app, ours, raw, close = sides(backend)
     try:
-        with place(ours.app, where):  # type: ignore[attr-defined]
+        with place(app, where):
             if where == "request":
                 g.user = "ann"
                 g.items = list(range(10))
