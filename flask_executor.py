@@ -14,8 +14,8 @@ import contextvars
 import functools
 import inspect
 import itertools
+import multiprocessing
 import os
-import pickle
 import re
 import sys
 import threading
@@ -55,6 +55,7 @@ _KEYS = [
     "EXECUTOR_FUTURES_MAX_LENGTH",
     "EXECUTOR_PROPAGATE_EXCEPTIONS",
     "EXECUTOR_PUSH_APP_CONTEXT",
+    "EXECUTOR_START_METHOD",
 ]
 _TRUE = {"1", "true", "t", "yes", "y", "on"}
 _FALSE = {"0", "false", "f", "no", "n", "off"}
@@ -146,16 +147,36 @@ class ThreadBackend(Backend):
 
 
 class ProcessBackend(Backend):
-    """Tasks on a :class:`concurrent.futures.ProcessPoolExecutor`: no contexts, pickled calls."""
+    """Tasks on a :class:`concurrent.futures.ProcessPoolExecutor`: no contexts, pickled calls.
+
+    EXECUTOR_START_METHOD picks how worker processes start: ``'spawn'`` (the default: a fresh
+    interpreter, safe whatever threads or forks the web process has), ``'forkserver'`` or
+    ``'fork'`` (fastest; workers inherit a copy of the web process as it was).
+    """
 
     contexts = False
 
     def create_pool(self, max_workers: int | None, config: Config) -> concurrent.futures.Executor:
-        return _ProcessPool(max_workers)
+        method = str(config.get("EXECUTOR_START_METHOD", "spawn")).strip().lower()
+        if method not in multiprocessing.get_all_start_methods():
+            raise ValueError(
+                f"{config.prefix}EXECUTOR_START_METHOD={method!r} is not a start method on this "
+                f"platform; choose one of {multiprocessing.get_all_start_methods()}"
+            )
+        return _ProcessPool(max_workers, mp_context=multiprocessing.get_context(method))
 
 
 class _ProcessPool(concurrent.futures.ProcessPoolExecutor):
     """A process pool that refuses, with the reason, what cannot reach a worker process."""
+
+    def __init__(self, max_workers: int | None, mp_context: Any) -> None:
+        super().__init__(max_workers, mp_context=mp_context, initializer=_exit_with_owner)
+        # The pool pickles calls in its queue's feeder thread and fails the future with the
+        # bare pickling error; name the object that failed instead (CPython 3.9+ hook).
+        queue: Any = self._call_queue  # type: ignore[attr-defined]
+        queue._on_queue_feeder_error = functools.partial(
+            _name_unpicklable, queue._on_queue_feeder_error
+        )
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         name = getattr(fn, "__qualname__", "")
@@ -163,34 +184,42 @@ class _ProcessPool(concurrent.futures.ProcessPoolExecutor):
             raise TypeError(_unpicklable(fn, "a lambda or nested function has no importable name"))
         if isinstance(getattr(fn, "__self__", None), Flask):
             raise TypeError(_unpicklable(fn, "it is a bound method of the Flask app"))
-        return super().submit(_ProcessCall(fn, *args, **kwargs))
+        return super().submit(_in_fresh_context, fn, *args, **kwargs)
 
 
-class _ProcessCall(functools.partial):  # type: ignore[type-arg]
-    """A call for a worker process that, when it cannot be pickled, says which object failed."""
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        call = functools.partial(self.func, *self.args, **self.keywords)
-        try:
-            payload = pickle.dumps(call, pickle.HIGHEST_PROTOCOL)
-        except Exception:
-            payload = _forking_dumps(call)  # multiprocessing's own reducers, or a clear error
-        return (pickle.loads, (payload,))
+def _exit_with_owner() -> None:
+    """Each worker's initializer: exit soon after the process owning the pool dies (a
+    gunicorn worker killed on --timeout), instead of waiting on its queue forever."""
+    owner = multiprocessing.parent_process()
+    if owner is not None:
+        threading.Thread(target=_exit_when_gone, args=(owner,), daemon=True).start()
 
 
-def _forking_dumps(call: functools.partial[Any]) -> bytes:
+def _exit_when_gone(owner: multiprocessing.process.BaseProcess) -> None:
+    owner.join()  # returns once the owner's end of the sentinel pipe is closed
+    os._exit(1)
+
+
+def _in_fresh_context(fn: Task, /, *args: Any, **kwargs: Any) -> Any:
+    """Run a process task in empty context variables: a worker started by fork holds a copy
+    of whatever request was active in the thread that forked it, and that is not the task's."""
+    return contextvars.Context().run(fn, *args, **kwargs)
+
+
+def _name_unpicklable(
+    report: Callable[[BaseException, Any], None], exc: BaseException, item: Any
+) -> None:
+    """The call queue's feeder error hook: fail the future with an error naming the culprit."""
     from multiprocessing.reduction import ForkingPickler
 
-    try:
-        return bytes(ForkingPickler.dumps(call))
-    except Exception as exc:
-        culprit: object = call.func
-        for culprit in (call.func, *call.args, *call.keywords.values()):
-            try:
-                ForkingPickler.dumps(culprit)
-            except Exception:
-                break
-        raise TypeError(_unpicklable(culprit, str(exc))) from exc
+    parts = [*getattr(item, "args", ()), *getattr(item, "kwargs", {}).values()]
+    for culprit in parts:  # the task first, then its arguments
+        try:
+            ForkingPickler.dumps(culprit)
+        except Exception:
+            exc = TypeError(_unpicklable(culprit, str(exc)))
+            break
+    report(exc, item)
 
 
 def _unpicklable(obj: object, why: str) -> str:
@@ -427,9 +456,28 @@ class FutureCollection:
 
 # -- 5. The extension --------------------------------------------------------------
 
+# A pool belongs to one process: its threads, queues and worker processes do not survive a
+# fork (gunicorn --preload builds the app in its master, then forks the workers). Each app's
+# state records the process it built its pool in; a forked child builds its own on first use.
+_pid = os.getpid()  # this process, kept current by the fork hook below: a cheap check
+_fork_lock = threading.Lock()  # guards giving a state its own pool in a forked child
+
+
+def _after_fork_in_child() -> None:
+    global _pid, _fork_lock
+    _pid = os.getpid()
+    _fork_lock = threading.Lock()  # another thread may have held it at the fork
+    forkserver = sys.modules.get("multiprocessing.forkserver")
+    if forkserver is not None:  # the parent's fork server is not this process's child
+        forkserver._forkserver = forkserver.ForkServer()  # type: ignore[attr-defined]
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
 
 class _AppState:
-    """One app's side of an Executor: its settings, pool and futures dict."""
+    """One app's side of an Executor: its settings, pool and futures dict, in one process."""
 
     def __init__(self, executor: Executor, app: Flask) -> None:
         config = Config(app, executor.name)
@@ -442,14 +490,24 @@ class _AppState:
         self.propagate = config.flag("EXECUTOR_PROPAGATE_EXCEPTIONS", False)
         self.push = config.flag("EXECUTOR_PUSH_APP_CONTEXT", True)
         used = [config.get("EXECUTOR_TYPE", "thread"), max_workers, max_length]
-        for key, value in zip(_KEYS, [*used, self.propagate, self.push]):  # _KEYS' order
+        method = config.get("EXECUTOR_START_METHOD", "spawn")
+        for key, value in zip(_KEYS, [*used, self.propagate, self.push, method]):  # _KEYS' order
             app.config.setdefault(config.prefix + key, value)
         self.max_workers = max_workers
+        self.max_length = max_length
         self.config = config
-        self.pool = self.backend.create_pool(max_workers, config)
-        self.futures = FutureCollection(max_length)
-        self._pool_lock = threading.Lock()  # guards replacing a broken pool
         self._shutdown = False
+        self.own_pool()  # built now, so a bad config fails at init_app
+
+    def own_pool(self) -> None:
+        """Give this process its own pool, futures dict and lock (at init, and after a fork).
+
+        The parent's are left untouched: their threads and pipes belong to the parent.
+        """
+        self.pool = self.backend.create_pool(self.max_workers, self.config)
+        self.futures = FutureCollection(self.max_length)
+        self._pool_lock = threading.Lock()  # guards replacing a broken pool
+        self.pid = _pid
 
     def start(self, fn: Task, args: tuple[Any, ...], kwargs: Any) -> Future[Any]:
         """Submit one task to the pool, replacing the pool once if it is broken."""
@@ -461,10 +519,11 @@ class _AppState:
         captured = (self.app, contextvars.copy_context(), g_attrs, self.push)
         if self.contexts:
             fn, args = _run_task, (captured, fn, *args)
+        pool = self.pool
         try:
-            future = self.pool.submit(fn, *args, **kwargs)
+            future = pool.submit(fn, *args, **kwargs)
         except concurrent.futures.BrokenExecutor:
-            future = self._replace_broken(self.pool).submit(fn, *args, **kwargs)
+            future = self._replace_broken(pool).submit(fn, *args, **kwargs)
         if type(future) is Future:
             future.__class__ = _ContextFuture
         future._captured = captured  # type: ignore[attr-defined]  # for its callbacks
@@ -496,10 +555,20 @@ class _AppState:
     def shutdown(self, wait: bool, cancel_futures: bool) -> None:
         with self._pool_lock:
             self._shutdown = True
+        if self.pid != _pid:
+            return  # a pool of the parent process: not this process's to stop
         if cancel_futures and "cancel_futures" in inspect.signature(self.pool.shutdown).parameters:
             self.pool.shutdown(wait=wait, cancel_futures=True)
         else:  # pools that predate cancel_futures (Dask's, loky's) run what they queued
             self.pool.shutdown(wait=wait)
+
+
+def _in_this_process(state: _AppState) -> _AppState:
+    """The state, with its own pool in this process: the first use after a fork."""
+    with _fork_lock:
+        if state.pid != _pid:
+            state.own_pool()
+    return state
 
 
 def _log_failure(app: Flask, fn: Task, future: Future[Any]) -> None:
@@ -543,13 +612,15 @@ class Executor(concurrent.futures.Executor):
     def _state(self) -> _AppState:
         """This executor's state on ``current_app``, else on the only app it serves."""
         app_ctx = _cv_app.get(None)
+        state: _AppState | None
         if app_ctx is not None:
-            state: _AppState | None = app_ctx.app.extensions.get(self._state_key)
+            state = app_ctx.app.extensions.get(self._state_key)
             if state is not None:
-                return state
+                return state if state.pid == _pid else _in_this_process(state)
             where = f"app {app_ctx.app.name!r} (the current app)"
         elif len(self._apps) == 1 and (app := self._apps[0]()) is not None:
-            return app.extensions[self._state_key]  # type: ignore[no-any-return]
+            state = app.extensions[self._state_key]
+            return state if state.pid == _pid else _in_this_process(state)
         else:
             apps = len(self._apps)
             where = "any app" if not apps else f"one of {apps} apps without an app context"

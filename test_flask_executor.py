@@ -4,6 +4,7 @@ the extension, 1.0 import paths; then gevent, real servers, reliability and data
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import contextvars
 import gc
 import json
@@ -15,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -1037,13 +1039,14 @@ class Server:
 
     def __init__(self, argv: list[str], port: int, **env: str) -> None:
         self.base = f"http://127.0.0.1:{port}"
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="server-", suffix=".log")  # noqa: SIM115
         self.proc = subprocess.Popen(
             argv,
             cwd=HERE,
             env={**os.environ, "PYTHONPATH": str(HERE), **env},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: stop() ends whatever it forked
         )
         deadline = time.monotonic() + 60
         while True:
@@ -1053,17 +1056,22 @@ class Server:
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"server did not start: {self.proc.stderr.read()}") from None
+                    raise RuntimeError(f"server did not start: {self.output()}") from None
                 time.sleep(0.1)
 
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
+
     def stop(self) -> None:
+        """SIGTERM the server, then SIGKILL its whole process group (workers, pools)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(20)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(20)
 
 
 def drive(base: str, requests: int, wait: float) -> dict[str, int]:
@@ -1123,6 +1131,192 @@ def test_pywsgi_concurrent_requests_see_only_their_own_data():
         assert drive(server.base, requests=300, wait=0.2) == {"finished": 300, "mismatches": 0}
     finally:
         server.stop()
+
+
+# -- forks: gunicorn --preload, os.fork(), process workers: no data crosses ------------------
+
+MARK = "as imported"  # a test changes it: a forked worker sees the change, a spawned one not
+
+
+def read_mark() -> str:
+    return MARK
+
+
+def request_seen_in_process() -> tuple[bool, bool, str]:
+    """What a process task sees of Flask: it must be no context at all."""
+    from flask import has_app_context, has_request_context
+
+    try:
+        seen = f"{request.path}?{request.query_string.decode()}"
+    except RuntimeError as exc:
+        seen = str(exc)
+    return has_request_context(), has_app_context(), seen
+
+
+NESTED_APP = Flask("nested")
+NESTED_APP.config.update(EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=1)
+NESTED = Executor(NESTED_APP, name="nested")
+
+
+def square_via_own_executor(x: int) -> int:
+    return NESTED.submit(square, x).result(TIMEOUT)
+
+
+START_METHODS = ["spawn", "forkserver", "fork"]
+
+
+class TestForks:
+    @pytest.mark.parametrize("method", START_METHODS)
+    def test_process_tasks_see_no_request_whatever_the_start_method(self, make_executor, method):
+        app, executor = make_executor(
+            EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=1, EXECUTOR_START_METHOD=method
+        )
+        for user in ["alice", "bob", "carol"]:  # alice's request is active when workers start
+            with app.test_request_context(f"/me?user={user}"):
+                seen = executor.submit(request_seen_in_process).result(TIMEOUT)
+            assert seen == (False, False, seen[2]), seen
+            assert "outside of request context" in seen[2], seen
+
+    @pytest.mark.parametrize("method", START_METHODS)
+    def test_start_method_is_the_one_configured(self, make_executor, monkeypatch, method):
+        monkeypatch.setattr(sys.modules[__name__], "MARK", "changed in the web process")
+        app, executor = make_executor(EXECUTOR_TYPE="process", EXECUTOR_START_METHOD=method)
+        with app.app_context():
+            mark = executor.submit(read_mark).result(TIMEOUT)
+        assert mark == ("changed in the web process" if method == "fork" else "as imported")
+
+    def test_default_start_method_is_spawn(self, make_executor, monkeypatch):
+        monkeypatch.setattr(sys.modules[__name__], "MARK", "changed in the web process")
+        app, executor = make_executor(EXECUTOR_TYPE="process")
+        assert app.config["EXECUTOR_START_METHOD"] == "spawn"
+        with app.app_context():
+            assert executor.submit(read_mark).result(TIMEOUT) == "as imported"
+
+    def test_bad_start_method_names_the_key(self):
+        with pytest.raises(ValueError, match=r"EXECUTOR_START_METHOD='vfork' is not a start"):
+            Executor(make_app(EXECUTOR_TYPE="process", EXECUTOR_START_METHOD="vfork"))
+
+    @pytest.mark.parametrize("method", ["spawn", "fork"])
+    def test_process_task_can_submit_to_its_own_executor(self, executors, method):
+        NESTED_APP.config["NESTED_EXECUTOR_START_METHOD"] = method
+        outer = Executor(make_app(EXECUTOR_TYPE="process", EXECUTOR_START_METHOD=method))
+        executors.append(outer)
+        with NESTED_APP.app_context():  # NESTED's pool in this process is started first
+            assert NESTED.submit(square, 2).result(TIMEOUT) == 4
+        futures = [outer.submit(square_via_own_executor, n) for n in range(4)]
+        assert [f.result(TIMEOUT) for f in futures] == [0, 1, 4, 9]
+
+    @pytest.mark.parametrize("backend", ["thread", "process", "gevent"])
+    @pytest.mark.parametrize("warm", [True, False], ids=["warm", "cold"])
+    def test_os_fork_children_get_their_own_pool_and_futures(self, backend, warm):
+        if backend == "gevent":
+            pytest.importorskip("gevent")
+        out = run_script(
+            f"""
+            import json, os, signal, sys
+            from flask import Flask
+            from flask_executor import Executor
+            from test_flask_executor import add, square
+
+            app = Flask("forked")
+            app.config.update(EXECUTOR_TYPE={backend!r}, EXECUTOR_MAX_WORKERS=2,
+                              EXECUTOR_START_METHOD="fork")
+            executor = Executor(app)
+            if {warm}:  # pools, threads and processes started before the fork
+                with app.app_context():
+                    assert executor.submit(square, 3).result(30) == 9
+                    executor.submit_stored("parent", square, 4).result(30)
+            children = []
+            for child in (1, 2):
+                pid = os.fork()
+                if pid == 0:
+                    signal.alarm(60)
+                    with app.app_context():
+                        got = [executor.submit(add, n, 1000 * child).result(30) for n in range(20)]
+                        ok = got == [n + 1000 * child for n in range(20)]
+                        own = executor.futures.done("parent") is None
+                    print(json.dumps({{"child": child, "ok": ok, "parent_key_gone": own}}))
+                    sys.stdout.flush()
+                    os._exit(0)
+                children.append(pid)
+            for pid in children:
+                assert os.waitpid(pid, 0)[1] == 0
+            with app.app_context():  # and the parent's own pool still serves it
+                assert executor.submit(add, 1, 1).result(30) == 2
+            executor.shutdown()
+            print("parent ok")
+            """
+        )
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.split("\n")
+        results = sorted(json.loads(line)["child"] for line in lines if line.startswith("{"))
+        assert results == [1, 2], out.stdout + out.stderr
+        assert all(
+            json.loads(line) | {"child": 0} == {"child": 0, "ok": True, "parent_key_gone": True}
+            for line in lines
+            if line.startswith("{")
+        ), out.stdout
+        assert "parent ok" in out.stdout
+
+
+def echo_in_process(n: str) -> tuple[str, int]:
+    time.sleep(0.02)  # long enough that requests overlap and spread over the workers
+    return n, os.getpid()
+
+
+def echo_in_task() -> tuple[str, int]:
+    time.sleep(0.02)  # cooperative under gevent's monkey-patching
+    return f"{request.args['id']}/{g.rid}", os.getpid()
+
+
+def preload_app() -> Flask:
+    """The app the --preload tests serve: built in gunicorn's master, then forked."""
+    app = Flask("preloaded")
+    executor = Executor(app)  # EXECUTOR_* from the environment
+    process = app.config["EXECUTOR_TYPE"] == "process"
+    if os.environ.get("WARM_UP"):  # a task run in the master before it forks its workers
+        with app.app_context():
+            assert executor.submit(square, 3).result(TIMEOUT) == 9
+            executor.submit_stored("master", square, 4).result(TIMEOUT)
+
+    @app.route("/task")
+    def task() -> dict[str, object]:
+        g.rid = n = request.args["id"]
+        future = executor.submit(echo_in_process, n) if process else executor.submit(echo_in_task)
+        got, pid = future.result(TIMEOUT)
+        leaked = executor.futures.done("master")
+        return {"got": got, "task_pid": pid, "worker": os.getpid(), "master_key": leaked}
+
+    return app
+
+
+@pytest.mark.parametrize("warm", [True, False], ids=["warm", "cold"])
+@pytest.mark.parametrize(
+    ("worker", "executor_type"), [("sync", "process"), ("gthread", "thread"), ("gevent", "gevent")]
+)
+def test_gunicorn_preload_every_result_is_its_own_request(worker, executor_type, warm):
+    pytest.importorskip("gunicorn")
+    if worker == "gevent":
+        pytest.importorskip("gevent")
+    port = free_port()
+    argv = [sys.executable, "-m", "gunicorn", "--preload", "-k", worker, "-w", "4",
+            "--threads", "2", "--worker-connections", "2", "-b", f"127.0.0.1:{port}",
+            "test_flask_executor:preload_app()"]  # fmt: skip
+    env = {"EXECUTOR_TYPE": executor_type, "EXECUTOR_MAX_WORKERS": "2"}
+    server = Server(argv, port, **env, **({"WARM_UP": "1"} if warm else {}))
+    try:
+        with cf.ThreadPoolExecutor(8) as clients:
+            replies = list(
+                clients.map(lambda n: http_get(f"{server.base}/task?id={n}"), range(200))
+            )
+    finally:
+        server.stop()
+    expected = [(str(n) if executor_type == "process" else f"{n}/{n}") for n in range(200)]
+    assert [reply["got"] for reply in replies] == expected
+    assert all(reply["master_key"] is None for reply in replies)  # the master's futures stay there
+    assert len({reply["worker"] for reply in replies}) >= 2  # served by several workers
+    if executor_type == "process":  # tasks ran in each worker's own pool, never the master's
+        assert all(reply["task_pid"] != reply["worker"] for reply in replies)
 
 
 # -- reliability: faults healed, nothing lost, no leaks, bounded memory ------------------

@@ -86,7 +86,11 @@ def wait_futures(futures: list[Any]) -> None:
 def sides(backend: str) -> tuple[Flask, Side, Side, Callable[[], None]]:
     """(our app, ours, raw, close) for one backend."""
     app = Flask("bench")
-    app.config.update(EXECUTOR_TYPE=backend, EXECUTOR_MAX_WORKERS=WORKERS)
+    # Process pools on both sides start their workers by fork: the blockers wait on HOLD,
+    # which a worker can only inherit (ours defaults to spawn; like is compared with like).
+    app.config.update(
+        EXECUTOR_TYPE=backend, EXECUTOR_MAX_WORKERS=WORKERS, EXECUTOR_START_METHOD="fork"
+    )
     if backend == "gevent":
         import gevent.pool
 
@@ -97,7 +101,7 @@ def sides(backend: str) -> tuple[Flask, Side, Side, Callable[[], None]]:
         raw_pool = cf.ThreadPoolExecutor(WORKERS)
         raw = Side(raw_pool.submit, wait_futures, busy=WORKERS)
     else:
-        raw_pool = cf.ProcessPoolExecutor(WORKERS)
+        raw_pool = cf.ProcessPoolExecutor(WORKERS, mp_context=multiprocessing.get_context("fork"))
         raw = Side(raw_pool.submit, wait_futures, busy=WORKERS)
     executor = flask_executor.Executor(app)
     ours = Side(executor.submit, wait_futures, busy=0 if backend == "gevent" else WORKERS)
