@@ -1259,6 +1259,46 @@ class TestForks:
         assert "parent ok" in out.stdout
 
 
+@pytest.mark.parametrize("method", START_METHODS)
+def test_pool_workers_exit_when_their_owner_is_killed(method, tmp_path):
+    pids_file = tmp_path / "pids"
+    owner = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import os, signal
+            from flask import Flask
+            from flask_executor import Executor
+            from test_flask_executor import worker_pid
+
+            app = Flask("owner")
+            app.config.update(EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=2,
+                              EXECUTOR_START_METHOD={method!r})
+            executor = Executor(app)
+            pids = {{executor.submit(worker_pid).result(30) for _ in range(8)}}
+            open({str(pids_file)!r}, "w").write(" ".join(map(str, pids)))
+            os.kill(os.getpid(), signal.SIGKILL)  # as gunicorn kills a worker on --timeout
+        """)],
+        cwd=HERE, env={**os.environ, "PYTHONPATH": str(HERE)}, start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert owner.wait(TIMEOUT) == -signal.SIGKILL
+        pids = [int(pid) for pid in pids_file.read_text().split()]
+        deadline = time.monotonic() + TIMEOUT
+        while (alive := [pid for pid in pids if is_running(pid)]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert alive == [], f"worker processes outlived their owner: {alive}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(owner.pid, signal.SIGKILL)
+
+
+def is_running(pid: int) -> bool:
+    """Whether a process exists and is not a zombie (an orphan is reaped by init)."""
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+
+
 def echo_in_process(n: str) -> tuple[str, int]:
     time.sleep(0.02)  # long enough that requests overlap and spread over the workers
     return n, os.getpid()
