@@ -3,6 +3,18 @@
 ``executor.submit(fn, *args)`` returns a :class:`concurrent.futures.Future` at once and
 runs ``fn`` with a copy of the Flask contexts it was submitted from. A rewrite of
 Flask-Executor 1.0 (MIT): code written for 1.0 keeps working. This file can be vendored.
+
+Config keys, read from ``app.config``, else the environment (``Executor(name='mail')`` reads
+``MAIL_EXECUTOR_TYPE`` and so on):
+
+- ``EXECUTOR_TYPE``: ``'thread'`` (default), ``'process'``, ``'gevent'``, a registered name,
+  or a :class:`Backend` object.
+- ``EXECUTOR_MAX_WORKERS``: pool size, a whole number >= 1; None lets the pool choose.
+- ``EXECUTOR_FUTURES_MAX_LENGTH``: how many futures ``executor.futures`` keeps (50).
+- ``EXECUTOR_PROPAGATE_EXCEPTIONS``: log every failing task through ``app.logger`` (False).
+- ``EXECUTOR_PUSH_APP_CONTEXT``: run thread and gevent tasks in a fresh app context (True).
+- ``EXECUTOR_START_METHOD``: how process workers start: ``'spawn'`` (default),
+  ``'forkserver'`` or ``'fork'``.
 """
 
 from __future__ import annotations
@@ -10,12 +22,15 @@ from __future__ import annotations
 import abc
 import collections
 import concurrent.futures
+import contextlib
 import contextvars
 import functools
 import inspect
 import itertools
+import logging
 import multiprocessing
 import os
+import pickle
 import re
 import sys
 import threading
@@ -201,9 +216,32 @@ def _exit_when_gone(owner: multiprocessing.process.BaseProcess) -> None:
 
 
 def _in_fresh_context(fn: Task, /, *args: Any, **kwargs: Any) -> Any:
-    """Run a process task in empty context variables: a worker started by fork holds a copy
-    of whatever request was active in the thread that forked it, and that is not the task's."""
-    return contextvars.Context().run(fn, *args, **kwargs)
+    """Run a process task in empty context variables (a worker started by fork holds a copy
+    of whatever request was active in the thread that forked it: not the task's), and make
+    sure what it returns or raises can reach the web process."""
+    from multiprocessing.reduction import ForkingPickler
+
+    try:
+        result = contextvars.Context().run(fn, *args, **kwargs)
+    except BaseException as exc:
+        try:
+            pickle.loads(ForkingPickler.dumps(exc))
+        except Exception as why:  # it would fail in the pool's thread and break the pool
+            message = f"{_task_name(fn)} raised {type(exc).__qualname__}: {exc}"
+            raise RuntimeError(f"{message} (not re-creatable in the web process: {why})") from exc
+        raise
+    if type(result) not in _PLAIN:  # checked here, where the error can name the task
+        try:
+            ForkingPickler.dumps(result)
+        except Exception as exc:
+            raise TypeError(
+                f"the return value of {_task_name(fn)} could not be sent back to the web "
+                f"process: {exc}; return picklable values"
+            ) from None
+    return result
+
+
+_PLAIN = {type(None), bool, int, float, str, bytes}  # results that always pickle
 
 
 def _name_unpicklable(
@@ -237,9 +275,7 @@ class GeventBackend(Backend):
         try:
             import gevent.pool  # noqa: F401
         except ImportError as exc:
-            raise ImportError(
-                "EXECUTOR_TYPE='gevent' needs gevent: pip install 'flask-executor[gevent]'"
-            ) from exc
+            raise ImportError("EXECUTOR_TYPE='gevent' needs gevent: pip install gevent") from exc
         return _GeventExecutor(max_workers)
 
 
@@ -250,6 +286,7 @@ class _GeventExecutor(concurrent.futures.Executor):
         import gevent.pool
 
         self._get_hub = gevent.get_hub
+        self._getcurrent = gevent.getcurrent
         self._pool = gevent.pool.Pool(max_workers)
         # Tasks that found every slot busy, oldest first: a full Pool.spawn would block.
         self._waiting: collections.deque[tuple[Any, ...]] = collections.deque()
@@ -277,6 +314,11 @@ class _GeventExecutor(concurrent.futures.Executor):
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         self._shutdown = True
+        if wait and self._getcurrent() in self._pool.greenlets:
+            raise RuntimeError(
+                "cannot join current greenlet: shutdown(wait=True) was called from one of this "
+                "executor's own tasks, which would wait for itself; use shutdown(wait=False)"
+            )
         if cancel_futures:
             for greenlet in list(self._pool):  # spawned, not started: cancel() succeeds
                 if greenlet.args:  # gevent drops args once a greenlet has run
@@ -317,23 +359,30 @@ def register_backend(name: str, backend: Backend) -> None:
 
 # What a task keeps of its submitter, captured at submit (kept to a tuple: submit is the
 # request path): (app, a copy of the context variables, a copy of g's attributes or None,
-# whether to push a fresh app context).
-Captured = tuple[Flask, contextvars.Context, Optional[dict[str, Any]], bool]
+# whether to push a fresh app context, the task itself).
+Captured = tuple[Flask, contextvars.Context, Optional[dict[str, Any]], bool, Task]
 
 
-def _run_task(captured: Captured, fn: Task, /, *args: Any, **kwargs: Any) -> Any:
+def _run_task(captured: Captured, /, *args: Any, **kwargs: Any) -> Any:
     """Run a task in the captured variables (entered once: a task runs once)."""
-    app, context, g_attrs, push = captured
+    app, context, g_attrs, push, fn = captured
     return context.run(_in_app_context, app, g_attrs, push, fn, args, kwargs)
 
 
 def _run_callback(captured: Captured, fn: Callback, future: Future[Any]) -> None:
-    """Run a done-callback as its task ran; an exception is logged, never raised."""
-    app, context, g_attrs, push = captured
+    """Run a done-callback as its task ran; any exception is logged, never raised: a
+    SystemExit raised here would end the pool's thread, and every task queued behind it."""
+    app, context, g_attrs, push, task = captured
     try:
         context.copy().run(_in_app_context, app, g_attrs, push, fn, (future,), {})
-    except Exception:
-        app.logger.exception("done-callback %r raised", fn)
+    except BaseException:
+        app.logger.exception("done-callback %r of background task %s raised", fn, _task_name(task))
+
+
+def _task_name(fn: object) -> str:
+    """How errors name a task: ``module.qualname``, else its repr (a partial, an object)."""
+    name = getattr(fn, "__qualname__", None)
+    return f"{getattr(fn, '__module__', None)}.{name}" if isinstance(name, str) else repr(fn)
 
 
 def _in_app_context(
@@ -364,53 +413,92 @@ def _in_app_context(
 
 
 class _ContextFuture(Future):  # type: ignore[type-arg]
-    """A Future whose done-callbacks run inside its task's Flask contexts."""
+    """A Future whose done-callbacks run inside its task's Flask contexts, and whose
+    exception, if nobody ever reads it, is logged when the future is dropped (as asyncio)."""
 
     _captured: Captured | None = None
+    _retrieved = False  # result() or exception() has returned the outcome to someone
 
     def add_done_callback(self, fn: Callback) -> None:
         if self._captured is not None:
             fn = functools.partial(_run_callback, self._captured, fn)
         super().add_done_callback(fn)
 
+    def result(self, timeout: float | None = None) -> Any:
+        try:
+            return super().result(self._wait(timeout))
+        except concurrent.futures.TimeoutError:
+            raise concurrent.futures.TimeoutError(self._late(timeout)) from None
+        finally:
+            self._retrieved = self._retrieved or self._state == "FINISHED"
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        try:
+            return super().exception(self._wait(timeout))
+        except concurrent.futures.TimeoutError:
+            raise concurrent.futures.TimeoutError(self._late(timeout)) from None
+        finally:
+            self._retrieved = self._retrieved or self._state == "FINISHED"
+
+    def _wait(self, timeout: float | None) -> float | None:
+        """What is left of ``timeout`` for the blocking wait (the gevent future waits first)."""
+        return timeout
+
+    def _late(self, timeout: float | None) -> str:
+        task = _task_name(self._captured[4]) if self._captured else "the task"
+        return f"background task {task} did not finish within {timeout} s (it goes on running)"
+
+    def __del__(self) -> None:
+        if self._exception is None or self._retrieved or self._captured is None:
+            return
+        app, task = self._captured[0], self._captured[4]
+        with contextlib.suppress(Exception):  # logging may be torn down at interpreter exit
+            app.logger.error(
+                "background task %s raised an exception that was never retrieved: read "
+                "future.result() or future.exception(), or set EXECUTOR_PROPAGATE_EXCEPTIONS",
+                _task_name(task),
+                exc_info=self._exception,
+            )
+
 
 class _GeventFuture(_ContextFuture):
     """A Future a greenlet can wait on without blocking its hub, patched or not."""
 
     _hub: Any = None
+    _event: Any = None  # one gevent Event, set when done: polling adds nothing per call
 
-    def _wait_cooperatively(self, timeout: float | None) -> bool:
+    def _wait(self, timeout: float | None) -> float | None:
         import gevent
-        import gevent.event
 
         if self.done() or gevent.get_hub() is not self._hub:
-            return False  # another thread's waits block only that thread
-        event = gevent.event.Event()
-        Future.add_done_callback(self, lambda _: event.set())
-        event.wait(timeout)
-        return True
+            return timeout  # another thread's waits block only that thread
+        if self._event is None:
+            import gevent.event
 
-    def result(self, timeout: float | None = None) -> Any:
-        return super().result(0 if self._wait_cooperatively(timeout) else timeout)
-
-    def exception(self, timeout: float | None = None) -> BaseException | None:
-        return super().exception(0 if self._wait_cooperatively(timeout) else timeout)
+            self._event = event = gevent.event.Event()
+            Future.add_done_callback(self, lambda _: event.set())
+        self._event.wait(timeout)
+        return 0
 
 
 # -- 4. Futures --------------------------------------------------------------------
 
 
 class FutureCollection:
-    """The futures dict: keys to futures, bounded (oldest evicted first) and thread-safe.
+    """The futures dict: keys to futures, bounded and thread-safe.
 
     Any Future method or attribute is forwarded by key: ``futures.done(key)``,
     ``futures.result(key, timeout=1)``, ``futures._state(key)``; None if the key is absent.
+    Read like a mapping by key (``futures[key]``, ``get``, ``keys``, ``items``, iteration);
+    ``future in futures`` tests a future, as in 1.0. Beyond ``max_length`` the oldest
+    finished future is dropped; if none has finished, the oldest, with a warning.
     """
 
-    def __init__(self, max_length: int | None = 50) -> None:
+    def __init__(self, max_length: int | None = 50, logger: logging.Logger | None = None) -> None:
         self.max_length = max_length
         self._futures: collections.OrderedDict[Any, Future[Any]] = collections.OrderedDict()
         self._lock = threading.RLock()  # guards _futures; re-entrant for tasks run inline
+        self._logger = logger or logging.getLogger(__name__)
 
     def add(self, future_key: Any, future: Future[Any]) -> None:
         """Store ``future``; ValueError if ``future_key`` is taken."""
@@ -424,9 +512,22 @@ class FutureCollection:
                 )
             future = make()
             while self.max_length is not None and len(self._futures) >= self.max_length:
-                self._futures.popitem(last=False)  # evict first: len never exceeds the bound
+                self._evict()  # before adding: len never exceeds the bound
             self._futures[future_key] = future
             return future
+
+    def _evict(self) -> None:
+        key = next((key for key, future in self._futures.items() if future.done()), None)
+        if key is None:  # all still running: drop the oldest, as 1.0 did, but say so
+            key = next(iter(self._futures))
+            self._logger.warning(
+                "futures dict full (%s futures, EXECUTOR_FUTURES_MAX_LENGTH): dropped the "
+                "stored future %r while its task is still running (the task goes on); "
+                "raise EXECUTOR_FUTURES_MAX_LENGTH or pop futures once read",
+                self.max_length,
+                key,
+            )
+        del self._futures[key]
 
     def pop(self, future_key: Any) -> Future[Any] | None:
         """Remove and return the future stored at ``future_key``, or None."""
@@ -439,6 +540,29 @@ class FutureCollection:
     def __contains__(self, future: object) -> bool:
         with self._lock:
             return future in self._futures.values()
+
+    def __getitem__(self, future_key: Any) -> Future[Any]:
+        return self._futures[future_key]
+
+    def get(self, future_key: Any, default: Any = None) -> Any:
+        """The future stored at ``future_key``, else ``default``."""
+        return self._futures.get(future_key, default)
+
+    def keys(self) -> list[Any]:
+        """The stored keys, oldest first (a snapshot)."""
+        with self._lock:
+            return list(self._futures)
+
+    def values(self) -> list[Future[Any]]:
+        with self._lock:
+            return list(self._futures.values())
+
+    def items(self) -> list[tuple[Any, Future[Any]]]:
+        with self._lock:
+            return list(self._futures.items())
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.keys())
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
         if name.startswith("__"):
@@ -505,7 +629,7 @@ class _AppState:
         The parent's are left untouched: their threads and pipes belong to the parent.
         """
         self.pool = self.backend.create_pool(self.max_workers, self.config)
-        self.futures = FutureCollection(self.max_length)
+        self.futures = FutureCollection(self.max_length, self.app.logger)
         self._pool_lock = threading.Lock()  # guards replacing a broken pool
         self.pid = _pid
 
@@ -516,9 +640,9 @@ class _AppState:
         app_ctx = _cv_app.get(None)
         g_attrs = app_ctx.g.__dict__.copy() if self.push and app_ctx is not None else None
         # the copied variables hold the request, the session and the caller's own variables
-        captured = (self.app, contextvars.copy_context(), g_attrs, self.push)
+        captured = (self.app, contextvars.copy_context(), g_attrs, self.push, fn)
         if self.contexts:
-            fn, args = _run_task, (captured, fn, *args)
+            fn, args = _run_task, (captured, *args)
         pool = self.pool
         try:
             future = pool.submit(fn, *args, **kwargs)
@@ -702,10 +826,12 @@ class ExecutorJob:
         return self.fn(*args, **kwargs)
 
     def __repr__(self) -> str:
-        return f"<ExecutorJob {self.fn.__module__}.{vars(self)['__qualname__']}>"
+        return f"<ExecutorJob {_task_name(self.fn)}>"
 
-    def __reduce__(self) -> str:
-        return str(vars(self)["__qualname__"])  # pickled by name: a worker process imports it
+    def __reduce__(self) -> str | tuple[Any, ...]:
+        if "__qualname__" in vars(self):  # a function: pickled by name, a worker imports it
+            return str(vars(self)["__qualname__"])
+        return (functools.partial, (self.fn,))  # a partial or a callable object: by value
 
     def submit(self, *args: Any, **kwargs: Any) -> Future[Any]:
         return self.executor.submit(self, *args, **kwargs)

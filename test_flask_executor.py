@@ -6,9 +6,11 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import contextvars
+import functools
 import gc
 import json
 import logging
+import multiprocessing
 import os
 import pickle
 import shutil
@@ -822,7 +824,7 @@ class TestGevent:
     def test_missing_gevent_says_which_extra(self, monkeypatch):
         monkeypatch.setitem(sys.modules, "gevent", None)
         monkeypatch.setitem(sys.modules, "gevent.pool", None)
-        with pytest.raises(ImportError, match=r"pip install 'flask-executor\[gevent\]'"):
+        with pytest.raises(ImportError, match=r"needs gevent: pip install gevent"):
             Executor(make_app(EXECUTOR_TYPE="gevent"))
 
     def test_submit_never_blocks_and_waiting_tasks_run_in_order(self, make_executor):
@@ -1424,9 +1426,10 @@ class TestReliability:
         gc.collect()
         assert request_ref() is None
 
-    def test_memory_stays_flat_over_100k_submit_stored(self, make_executor):
+    def test_memory_stays_flat_over_100k_submit_stored(self, make_executor, monkeypatch):
         psutil = pytest.importorskip("psutil")
         app, executor = make_executor(EXECUTOR_MAX_WORKERS=4)
+        monkeypatch.setattr(app.logger, "disabled", True)  # not pytest's records of evictions
         process = psutil.Process()
         with app.test_request_context("/?q=mem"):
             for n in range(10_000):  # warm up: pools, allocator arenas
@@ -1469,7 +1472,8 @@ class TestReliability:
 
 
 class FuturesDictMachine(RuleBasedStateMachine):
-    """FutureCollection against a model: an insertion-ordered dict that drops its oldest."""
+    """FutureCollection against a model: an insertion-ordered dict that, when full, drops its
+    oldest finished future, else its oldest."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -1484,10 +1488,11 @@ class FuturesDictMachine(RuleBasedStateMachine):
             with pytest.raises(ValueError, match="already exists"):
                 self.real.add(key, future)
             return
+        if len(self.model) == self.bound:  # the oldest finished goes first, else the oldest
+            done = [k for k, f in self.model.items() if f.done()]
+            del self.model[done[0] if done else next(iter(self.model))]
         self.real.add(key, future)
         self.model[key] = future
-        if len(self.model) > self.bound:
-            del self.model[next(iter(self.model))]
 
     @rule(key=st.integers(0, 7))
     def pop(self, key: int) -> None:
@@ -1556,6 +1561,261 @@ def test_futures_dict_under_concurrent_threads(per_thread_ops):
     assert all(all(seen) for seen in outcomes.values())
     expected = {key: f for model in models.values() for key, f in model.items()}
     assert dict(futures._futures) == expected and len(futures) == len(expected)
+
+
+# -- nothing silent, nothing leaking ---------------------------------------------------
+
+
+def return_lock() -> object:
+    return threading.Lock()
+
+
+class NeedsTwoArgs(Exception):
+    """An exception that pickles but cannot be re-created from its pickle (two required args)."""
+
+    def __init__(self, a: int, b: int) -> None:
+        super().__init__(f"{a}+{b}")
+
+
+def raise_needs_two_args() -> None:
+    raise NeedsTwoArgs(1, 2)
+
+
+def executor_records(caplog, app: Flask) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == app.logger.name]
+
+
+def settle(future: cf.Future) -> None:
+    """Wait for a future without reading it (under gevent, letting its greenlet run)."""
+    deadline = time.monotonic() + TIMEOUT
+    while not future.done() and time.monotonic() < deadline:
+        if "gevent" in sys.modules:
+            import gevent
+
+            gevent.sleep(0.005)
+        else:
+            time.sleep(0.005)
+
+
+class CallableJob:
+    def __call__(self, x: int) -> int:
+        return x + 1
+
+
+class TestNothingSilent:
+    def test_eviction_drops_finished_futures_first(self, make_executor, caplog):
+        app, executor = make_executor(EXECUTOR_FUTURES_MAX_LENGTH=3)
+        release = threading.Event()
+        with app.app_context():
+            running = [executor.submit_stored(f"run{n}", release.wait, TIMEOUT) for n in range(2)]
+            executor.submit_stored("done0", square, 1).result(TIMEOUT)
+            executor.submit_stored("new", square, 2).result(TIMEOUT)  # evicts done0, not run0
+            assert executor.futures.keys() == ["run0", "run1", "new"]
+            assert executor_records(caplog, app) == []  # a finished future goes quietly
+            executor.submit_stored("newer", square, 3).result(TIMEOUT)  # evicts "new"
+            assert executor.futures.keys() == ["run0", "run1", "newer"]
+            release.set()
+            assert all(f.result(TIMEOUT) for f in running)
+
+    def test_evicting_a_running_future_warns_with_its_key(self, make_executor, caplog):
+        app, executor = make_executor(EXECUTOR_FUTURES_MAX_LENGTH=2)
+        release = threading.Event()
+        with app.app_context():
+            for key in ["a", "b", "c"]:
+                executor.submit_stored(key, release.wait, TIMEOUT)
+            release.set()
+        assert executor.futures.keys() == ["b", "c"]  # the bound holds, as in 1.0
+        [record] = executor_records(caplog, app)
+        assert record.levelno == logging.WARNING
+        assert "'a'" in record.getMessage() and "EXECUTOR_FUTURES_MAX_LENGTH" in record.getMessage()
+
+    @pytest.mark.parametrize("backend", ["thread", "process", "gevent"])
+    def test_unretrieved_exception_is_logged_once(self, make_executor, caplog, backend):
+        if backend == "gevent":
+            pytest.importorskip("gevent")
+        app, executor = make_executor(EXECUTOR_TYPE=backend)
+        with app.app_context():
+            future = executor.submit(fail, "nobody read me")
+            settle(future)
+            del future
+            gc.collect()
+            [record] = executor_records(caplog, app)
+            assert "nobody read me" in caplog.text and "Traceback" in caplog.text
+            assert "never retrieved" in record.getMessage() and "fail" in record.getMessage()
+
+    def test_retrieved_exception_is_not_logged(self, make_executor, caplog):
+        app, executor = make_executor()
+        with app.app_context():
+            future = executor.submit(fail, "read")
+            assert isinstance(future.exception(TIMEOUT), ValueError)
+            with pytest.raises(ValueError):
+                executor.submit(fail, "read too").result(TIMEOUT)
+            del future
+            gc.collect()
+        assert executor_records(caplog, app) == []
+
+    def test_propagated_exception_is_logged_once(self, make_executor, caplog):
+        app, executor = make_executor(EXECUTOR_PROPAGATE_EXCEPTIONS=True)
+        with app.app_context():
+            future = executor.submit(fail, "once")
+            cf.wait([future], TIMEOUT)
+            deadline = time.monotonic() + TIMEOUT
+            while not executor_records(caplog, app) and time.monotonic() < deadline:
+                time.sleep(0.01)  # the logging callback runs just after the future is done
+            del future
+            gc.collect()
+        assert len(executor_records(caplog, app)) == 1
+
+    @pytest.mark.parametrize("backend", ["thread", "process"])
+    @pytest.mark.parametrize("error", [SystemExit, KeyboardInterrupt])
+    def test_base_exception_in_callback_does_not_stop_the_pool(
+        self, make_executor, caplog, backend, error
+    ):
+        app, executor = make_executor(EXECUTOR_TYPE=backend, EXECUTOR_MAX_WORKERS=1)
+
+        def bad_callback(future: cf.Future) -> None:
+            raise error("callback left")
+
+        with app.app_context():
+            first = executor.submit(square, 2)
+            first.add_done_callback(bad_callback)
+            assert first.result(TIMEOUT) == 4
+            executor.add_default_done_callback(bad_callback)
+            assert [executor.submit(square, n).result(TIMEOUT) for n in range(3)] == [0, 1, 4]
+        assert "callback left" in caplog.text
+
+    def test_gevent_polling_adds_no_callbacks(self, make_executor):
+        pytest.importorskip("gevent")
+        app, executor = make_executor(EXECUTOR_TYPE="gevent")
+        import gevent.event
+
+        release = gevent.event.Event()
+        with app.app_context():
+            future = executor.submit(release.wait)
+            before = len(future._done_callbacks)
+            for _ in range(1000):
+                with pytest.raises(cf.TimeoutError):
+                    future.result(timeout=0)
+            assert len(future._done_callbacks) <= before + 1
+            release.set()
+            assert future.result(TIMEOUT) is True
+
+    def test_gevent_shutdown_wait_inside_a_task_raises(self, make_executor):
+        pytest.importorskip("gevent")
+        app, executor = make_executor(EXECUTOR_TYPE="gevent")
+        with app.app_context():
+            future = executor.submit(executor.shutdown, wait=True)
+            with pytest.raises(RuntimeError, match="cannot join current greenlet"):
+                future.result(TIMEOUT)
+        executor.shutdown(wait=True)  # returns: nothing is left waiting on itself
+
+    def test_big_argument_is_pickled_once(self, make_executor):
+        import tracemalloc
+
+        big = b"x" * (50 * 2**20)
+
+        def peak(submit) -> int:
+            tracemalloc.start()
+            try:
+                assert submit(len, big).result(TIMEOUT) == len(big)
+                return tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+
+        app, executor = make_executor(EXECUTOR_TYPE="process", EXECUTOR_START_METHOD="fork")
+        with cf.ProcessPoolExecutor(mp_context=multiprocessing.get_context("fork")) as raw:
+            raw.submit(len, b"").result(TIMEOUT)  # workers started before measuring
+            raw_peak = peak(raw.submit)
+        with app.app_context():
+            executor.submit(len, b"").result(TIMEOUT)
+            ours_peak = peak(executor.submit)
+        assert ours_peak < raw_peak * 1.2 + 2**20, (ours_peak, raw_peak)
+
+    def test_unpicklable_return_value_names_the_task(self, make_executor):
+        app, executor = make_executor(EXECUTOR_TYPE="process")
+        with app.app_context():
+            future = executor.submit(return_lock)
+            with pytest.raises(TypeError, match=r"return value of .*return_lock.* sent back"):
+                future.result(TIMEOUT)
+            assert executor.submit(square, 3).result(TIMEOUT) == 9
+
+    def test_exception_that_cannot_be_recreated_does_not_break_the_pool(self, make_executor):
+        app, executor = make_executor(EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=1)
+        with app.app_context():
+            future = executor.submit(raise_needs_two_args)
+            with pytest.raises(Exception, match=r"NeedsTwoArgs.*1\+2") as info:
+                future.result(TIMEOUT)
+            assert not isinstance(info.value, cf.BrokenExecutor)
+            assert "raise_needs_two_args" in str(info.value.__cause__)  # the remote traceback
+            assert executor.submit(square, 3).result(TIMEOUT) == 9
+
+    @pytest.mark.parametrize("backend", ["thread", "process"])
+    @pytest.mark.parametrize(
+        "fn", [functools.partial(add, y=10), CallableJob()], ids=["partial", "object"]
+    )
+    def test_job_on_partial_or_callable_object(self, make_executor, caplog, backend, fn):
+        app, executor = make_executor(EXECUTOR_TYPE=backend, EXECUTOR_PROPAGATE_EXCEPTIONS=True)
+        job = executor.job(fn)
+        assert repr(fn) in repr(job)
+        with app.app_context():
+            assert job.submit(1).result(TIMEOUT) == 11 if isinstance(fn, functools.partial) else 2
+            cf.wait([job.submit("not a number")], TIMEOUT)
+        deadline = time.monotonic() + TIMEOUT
+        while "background task" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert "background task" in caplog.text and "Logging error" not in caplog.text
+
+    def test_broken_pool_is_replaced_once_when_another_thread_replaced_it(self, executors):
+        healthy = cf.ThreadPoolExecutor(1)
+        made: list[cf.Executor] = []
+
+        class BrokenPool(cf.ThreadPoolExecutor):
+            def submit(self, fn, /, *args, **kwargs):
+                state.pool = healthy  # another thread found it broken and replaced it meanwhile
+                raise cf.BrokenExecutor("a worker died")
+
+        class OnceBroken(Backend):
+            def create_pool(self, max_workers, config):
+                made.append(BrokenPool(1) if not made else cf.ThreadPoolExecutor(1))
+                return made[-1]
+
+        app = make_app(EXECUTOR_TYPE=OnceBroken())
+        executor = Executor(app)
+        executors.append(executor)
+        state = app.extensions[executor._state_key]
+        with app.app_context():
+            assert executor.submit(square, 4).result(TIMEOUT) == 16  # on the replacement
+        assert state.pool is healthy and len(made) == 1 and not healthy._shutdown
+        healthy.shutdown()
+
+    def test_result_timeout_names_the_task(self, make_executor):
+        app, executor = make_executor()
+        release = threading.Event()
+        with app.app_context():
+            future = executor.submit(release.wait, TIMEOUT)
+            with pytest.raises(cf.TimeoutError, match=r"wait.* did not finish within 0.01 s"):
+                future.result(timeout=0.01)
+            release.set()
+
+    def test_help_lists_every_config_key(self):
+        for key in flask_executor._KEYS:
+            assert key in flask_executor.__doc__
+
+
+class TestFuturesMapping:
+    def test_read_only_mapping_methods(self):
+        futures = FutureCollection()
+        a, b = cf.Future(), cf.Future()
+        futures.add("a", a)
+        futures.add("b", b)
+        assert list(futures) == ["a", "b"] and futures.keys() == ["a", "b"]
+        assert futures.items() == [("a", a), ("b", b)] and futures.values() == [a, b]
+        assert futures["a"] is a and futures.get("b") is b
+        assert futures.get("missing") is None and futures.get("missing", 5) == 5
+        with pytest.raises(KeyError, match="missing"):
+            futures["missing"]
+        assert a in futures and "a" not in futures  # 1.0: `in` tests futures, not keys
+        assert futures.done("a") is False  # by-key forwarding is unchanged
 
 
 # -- databases in tasks: Flask-SQLAlchemy on a real SQLite file -------------------------
@@ -1700,6 +1960,22 @@ def readme_recipe(name: str) -> dict[str, object]:
     namespace: dict[str, object] = {"__name__": f"readme_{name}"}
     exec(compile(code, f"README.md ({name})", "exec"), namespace)
     return namespace
+
+
+def test_readme_quickstart(executors):
+    namespace = readme_recipe("quickstart")
+    app, executor = namespace["app"], namespace["executor"]
+    executors.append(executor)
+    client = app.test_client()
+    assert client.get("/report/status").status_code == 404
+    assert client.get("/signup?email=a@example.com").text == "ok"
+    assert client.get("/report/start?month=11").text == "started"
+    executor.futures.get("report").result(TIMEOUT)
+    assert client.get("/report/status").json == {
+        "state": "done",
+        "result": {"month": "11", "total": 42},
+    }
+    assert client.get("/report/status").status_code == 404  # popped once read
 
 
 def pid_after(release: str, pid_dir: str) -> int:
