@@ -40,6 +40,7 @@ from concurrent.futures import Future
 from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
 
 from flask import Flask
+from flask.ctx import AppContext
 from flask.globals import _cv_app
 from flask.signals import appcontext_popped, appcontext_pushed
 
@@ -366,7 +367,7 @@ Captured = tuple[Flask, contextvars.Context, Optional[dict[str, Any]], bool, Tas
 def _run_task(captured: Captured, /, *args: Any, **kwargs: Any) -> Any:
     """Run a task in the captured variables (entered once: a task runs once)."""
     app, context, g_attrs, push, fn = captured
-    return context.run(_in_app_context, app, g_attrs, push, fn, args, kwargs)
+    return context.run(_in_app_context, app, g_attrs, push, True, fn, args, kwargs)
 
 
 def _run_callback(captured: Captured, fn: Callback, future: Future[Any]) -> None:
@@ -374,7 +375,7 @@ def _run_callback(captured: Captured, fn: Callback, future: Future[Any]) -> None
     SystemExit raised here would end the pool's thread, and every task queued behind it."""
     app, context, g_attrs, push, task = captured
     try:
-        context.copy().run(_in_app_context, app, g_attrs, push, fn, (future,), {})
+        context.copy().run(_in_app_context, app, g_attrs, push, False, fn, (future,), {})
     except BaseException:
         app.logger.exception("done-callback %r of background task %s raised", fn, _task_name(task))
 
@@ -386,30 +387,81 @@ def _task_name(fn: object) -> str:
 
 
 def _in_app_context(
-    app: Flask, g_attrs: dict[str, Any] | None, push: bool, fn: Task, args: Any, kwargs: Any
+    app: Flask,
+    g_attrs: dict[str, Any] | None,
+    push: bool,
+    teardown: bool,
+    fn: Task,
+    args: Any,
+    kwargs: Any,
 ) -> Any:
-    """Call fn in a fresh app context of app, its g filled from g_attrs; teardown after."""
+    """Call fn in a fresh app context of app, its g filled from g_attrs.
+
+    Runs in the submitter's copied variables, where ``_cv_app`` still holds its context.
+    Pushed and popped as Flask does (signals; a nested ``with`` of the same context inside
+    the task tears nothing down), but teardown functions run only if ``teardown`` (once per
+    task, not again for each of its done-callbacks).
+    """
     if not push:
         return fn(*args, **kwargs)
-    app_ctx = app.app_context()
+    app_ctx = _fresh_context(app, _cv_app.get(None))
     if g_attrs:
         app_ctx.g.__dict__.update(g_attrs)
-    if appcontext_pushed.receivers or appcontext_popped.receivers:
-        with app_ctx:  # Flask's own push and pop, for their listeners
-            return fn(*args, **kwargs)
-    # The same push and pop without sending two signals nobody listens to: half the cost.
-    token = _cv_app.set(app_ctx)
+    _enter(app_ctx)
     error: BaseException | None = None
     try:
+        if appcontext_pushed.receivers:
+            appcontext_pushed.send(app, _async_wrapper=app.ensure_sync)
         return fn(*args, **kwargs)
     except BaseException as exc:
         error = exc
         raise
     finally:
         try:
-            app.do_teardown_appcontext(error)
+            if teardown:
+                _teardown(app_ctx, error)
         finally:
-            _cv_app.reset(token)
+            _leave(app_ctx)
+            if appcontext_popped.receivers:
+                appcontext_popped.send(app, _async_wrapper=app.ensure_sync)
+
+
+# Pushing a task's context. Flask's own push() and pop() would, on Flask 3.2, route the
+# request again, run its teardown_request functions and close its uploaded files: those
+# belong to the view. So the task's context is entered as push() does it, which needs the
+# private bookkeeping of the installed Flask, detected here (a test fails if Flask moves it):
+# up to 3.1 AppContext keeps a list of tokens and the request rides in its own context
+# variable; from 3.2 (AppContext.has_request) the app context holds the request itself.
+_MERGED_CONTEXTS = hasattr(AppContext, "has_request")
+
+
+def _fresh_context(app: Flask, submitter: AppContext | None) -> AppContext:
+    """A new app context of app; on 3.2 with the submitter's request and session."""
+    if _MERGED_CONTEXTS and submitter is not None and submitter.app is app:
+        return submitter.copy()  # type: ignore[attr-defined,no-any-return,unused-ignore]
+    return app.app_context()
+
+
+def _enter(ctx: Any) -> None:
+    if _MERGED_CONTEXTS:
+        ctx._cv_token, ctx._push_count = _cv_app.set(ctx), 1
+    else:
+        ctx._cv_tokens.append(_cv_app.set(ctx))
+
+
+def _leave(ctx: Any) -> None:
+    if _MERGED_CONTEXTS:
+        _cv_app.reset(ctx._cv_token)
+        ctx._cv_token, ctx._push_count = None, 0
+    else:
+        _cv_app.reset(ctx._cv_tokens.pop())
+
+
+def _teardown(ctx: Any, error: BaseException | None) -> None:
+    if _MERGED_CONTEXTS:  # do_teardown_appcontext(ctx, exc) from 3.2
+        ctx.app.do_teardown_appcontext(ctx, error)
+    else:
+        ctx.app.do_teardown_appcontext(error)
 
 
 class _ContextFuture(Future):  # type: ignore[type-arg]

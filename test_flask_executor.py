@@ -8,6 +8,7 @@ import contextlib
 import contextvars
 import functools
 import gc
+import io
 import json
 import logging
 import multiprocessing
@@ -365,6 +366,91 @@ class TestContexts:
                 run(executor.submit(fail, "x"))
         assert torn[0] == (1, None)
         assert torn[1][0] == 1 and isinstance(torn[1][1], ValueError)
+
+    def test_teardown_runs_once_when_the_task_reenters_its_own_context(
+        self, make_executor, context_backend
+    ):
+        from flask.globals import app_ctx
+
+        app, executor = make_executor(EXECUTOR_TYPE=context_backend)
+        torn: list[object] = []
+        app.teardown_appcontext(lambda exc: torn.append(exc))
+
+        def reenter() -> int:
+            with app_ctx._get_current_object():  # as 1.0's copy_current_app_context did
+                pass
+            return len(torn)  # nothing torn down yet: the task is still running
+
+        with app.app_context():
+            assert run(executor.submit(reenter)) == 0
+            assert torn == [None]  # the task's teardown, once (the test's own comes later)
+
+    def test_teardown_once_per_task_when_awaited_through_asyncio(self, make_executor):
+        import asyncio
+
+        app, executor = make_executor()
+        torn: list[object] = []
+        app.teardown_appcontext(lambda exc: torn.append(exc))
+
+        async def main() -> tuple[list[int], int]:
+            with app.test_request_context("/?q=a"):
+                futures = [asyncio.wrap_future(executor.submit(square, n)) for n in range(5)]
+                results = list(await asyncio.gather(*futures))
+                return results, len(torn)  # before the test's own context is torn down
+
+        assert asyncio.run(asyncio.wait_for(main(), TIMEOUT)) == ([0, 1, 4, 9, 16], 5)
+
+    def test_task_leaves_the_request_and_its_files_to_the_view(
+        self, make_executor, context_backend
+    ):
+        app, executor = make_executor(EXECUTOR_TYPE=context_backend)
+        events: list[str] = []
+        app.teardown_request(lambda exc: events.append("teardown_request"))
+        app.teardown_appcontext(lambda exc: events.append("teardown_appcontext"))
+
+        def read_upload() -> tuple[bytes, str, str]:
+            upload = request.files["f"]
+            content = upload.read()
+            upload.seek(0)
+            return content, request.args["q"], url_for("upload", _external=False)
+
+        @app.post("/upload")
+        def upload() -> dict[str, object]:
+            seen = run(executor.submit(read_upload))
+            events.append("view resumes")
+            return {
+                "seen": [seen[0].decode(), seen[1], seen[2]],
+                "closed": request.files["f"].closed,
+                "again": request.files["f"].read().decode(),
+            }
+
+        reply = app.test_client().post(
+            "/upload?q=up", data={"f": (io.BytesIO(b"file body"), "f.txt")}
+        )
+        assert reply.json == {
+            "seen": ["file body", "up", "/upload"],
+            "closed": False,
+            "again": "file body",
+        }
+        assert events == [
+            "teardown_appcontext",  # the task's, once
+            "view resumes",
+            "teardown_request",  # the view's, once
+            "teardown_appcontext",
+        ]
+
+    def test_signals_fire_once_per_task_push_and_pop(self, make_executor, context_backend):
+        from flask import appcontext_popped, appcontext_pushed
+
+        app, executor = make_executor(EXECUTOR_TYPE=context_backend)
+        heard: list[str] = []
+        with (
+            appcontext_pushed.connected_to(lambda a: heard.append("pushed"), app),
+            appcontext_popped.connected_to(lambda a: heard.append("popped"), app),
+        ):
+            futures = [executor.submit(square, n) for n in range(3)]  # no context: app's own
+            assert [run(f) for f in futures] == [0, 1, 4]
+        assert heard == ["pushed", "popped"] * 3
 
     def test_app_context_signals_fire_for_tasks(self, make_executor, context_backend):
         from flask import appcontext_popped, appcontext_pushed, appcontext_tearing_down
@@ -732,6 +818,23 @@ def cube(x: int) -> int:
 
 
 # -- 6. 1.0 import paths and vendoring ----------------------------------------------
+
+
+def test_flask_private_names_we_rely_on_are_where_we_expect():
+    """The one private part of Flask we use: how an app context is entered (see the
+    comment above ``_MERGED_CONTEXTS``). If this fails, Flask moved it: adapt the module."""
+    import inspect
+
+    from flask.globals import _cv_app
+
+    assert isinstance(_cv_app, contextvars.ContextVar), "flask.globals._cv_app moved"
+    ctx = make_app().app_context()
+    merged = flask_executor._MERGED_CONTEXTS
+    names = ["_cv_token", "_push_count"] if merged else ["_cv_tokens"]
+    missing = [name for name in names if not hasattr(ctx, name)]
+    assert not missing, f"Flask's AppContext no longer has {missing}: update _enter/_leave"
+    takes_ctx = "ctx" in inspect.signature(Flask.do_teardown_appcontext).parameters
+    assert takes_ctx is merged, "do_teardown_appcontext's signature changed: update _teardown"
 
 
 def test_one_point_oh_import_paths():
