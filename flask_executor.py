@@ -59,6 +59,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+_MISSING: Any = object()  # no future_key was given positionally
 Task = Callable[..., Any]
 Callback = Callable[[Future[Any]], object]
 
@@ -513,6 +514,10 @@ class _ContextFuture(Future):  # type: ignore[type-arg]
             )
 
 
+# 1.0's futures were proxies, and real code reads the future behind one by this name.
+setattr(_ContextFuture, "__proxied_object", property(lambda future: future))
+
+
 class _GeventFuture(_ContextFuture):
     """A Future a greenlet can wait on without blocking its hub, patched or not."""
 
@@ -665,15 +670,15 @@ class _AppState:
         max_length = config.number("EXECUTOR_FUTURES_MAX_LENGTH", 50)
         self.propagate = config.flag("EXECUTOR_PROPAGATE_EXCEPTIONS", False)
         self.push = config.flag("EXECUTOR_PUSH_APP_CONTEXT", True)
-        used = [config.get("EXECUTOR_TYPE", "thread"), max_workers, max_length]
-        method = config.get("EXECUTOR_START_METHOD", "spawn")
-        for key, value in zip(_KEYS, [*used, self.propagate, self.push, method]):  # _KEYS' order
-            app.config.setdefault(config.prefix + key, value)
         self.max_workers = max_workers
         self.max_length = max_length
         self.config = config
         self._shutdown = False
-        self.own_pool()  # built now, so a bad config fails at init_app
+        self.own_pool()  # built now, so a bad config fails at init_app, before app changes
+        used = [config.get("EXECUTOR_TYPE", "thread"), max_workers, max_length]
+        method = config.get("EXECUTOR_START_METHOD", "spawn")
+        for key, value in zip(_KEYS, [*used, self.propagate, self.push, method]):  # _KEYS' order
+            app.config.setdefault(config.prefix + key, value)
 
     def own_pool(self) -> None:
         """Give this process its own pool, futures dict and lock (at init, and after a fork).
@@ -775,15 +780,26 @@ class Executor(concurrent.futures.Executor):
             self.init_app(app)
 
     def init_app(self, app: Flask) -> None:
-        """Read this executor's config from ``app`` and give ``app`` its own pool."""
-        if self._key in app.extensions:
-            raise RuntimeError(
-                f"app.extensions[{self._key!r}] is already set on app {app.name!r}: "
-                "init_app() once per app, and give each Executor its own name"
+        """Read this executor's config from ``app`` and give ``app`` its own pool.
+
+        Again on the same app (or another executor of the same name), the new one replaces
+        the old, as in 1.0, with a warning; the old pool finishes its queued tasks and stops.
+        """
+        app = getattr(app, "_get_current_object", lambda: app)()  # current_app works too
+        state = _AppState(self, app)  # may raise: the app is left as it was
+        old: _AppState | None = app.extensions.get(self._state_key)
+        if old is not None:
+            app.logger.warning(
+                "app.extensions[%r] was already set on app %r: replacing it (its pool stops "
+                "once its queued tasks finish); create each Executor once, at start-up",
+                self._key,
+                app.name,
             )
-        app.extensions[self._state_key] = _AppState(self, app)
+            old.shutdown(wait=False, cancel_futures=False)
+        app.extensions[self._state_key] = state
         app.extensions[self._key] = self
-        self._apps.append(weakref.ref(app, self._apps.remove))
+        if not any(ref() is app for ref in self._apps):
+            self._apps.append(weakref.ref(app, self._apps.remove))
 
     def _state(self) -> _AppState:
         """This executor's state on ``current_app``, else on the only app it serves."""
@@ -805,8 +821,13 @@ class Executor(concurrent.futures.Executor):
             "executor.init_app(app) first, or push an app context (with app.app_context():)"
         )
 
-    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
-        """Run ``fn(*args, **kwargs)`` in the background; return its Future at once."""
+    def submit(self, fn: Callable[..., T] | None = None, /, *args: Any, **kwargs: Any) -> Future[T]:
+        """Run ``fn(*args, **kwargs)`` in the background; return its Future at once.
+
+        1.0's keyword form ``submit(fn=task, ...)`` works too.
+        """
+        if fn is None:
+            fn = kwargs.pop("fn", None)
         state = self._state()
         future = state.start(fn, args, kwargs)
         if state.propagate or self._default_callbacks:
@@ -814,9 +835,21 @@ class Executor(concurrent.futures.Executor):
         return future
 
     def submit_stored(
-        self, future_key: Any, fn: Callable[..., T], /, *args: Any, **kwargs: Any
+        self,
+        future_key: Any = _MISSING,
+        fn: Callable[..., T] | None = None,
+        /,
+        *args: Any,
+        **kwargs: Any,
     ) -> Future[T]:
-        """Like submit, and keep the Future in ``executor.futures`` under ``future_key``."""
+        """Like submit, and keep the Future in ``executor.futures`` under ``future_key``.
+
+        1.0's keyword form ``submit_stored(future_key=key, fn=task, ...)`` works too.
+        """
+        if future_key is _MISSING:
+            future_key = kwargs.pop("future_key")
+        if fn is None:
+            fn = kwargs.pop("fn", None)
         state = self._state()
         future = state.futures._store(future_key, lambda: state.start(fn, args, kwargs))
         return state.attach_callbacks(future, fn)
@@ -852,9 +885,31 @@ class Executor(concurrent.futures.Executor):
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Shut down the pool of every app this executor serves; later submits raise."""
-        for app in [ref() for ref in self._apps]:
-            if app is not None:
-                app.extensions[self._state_key].shutdown(wait, cancel_futures)
+        for ref in list(self._apps):
+            app = ref()
+            state = None if app is None else app.extensions.get(self._state_key)
+            if state is not None and state.executor is self:  # not a replacement's pool
+                state.shutdown(wait, cancel_futures)
+
+    def __getattr__(self, name: str) -> Any:
+        """1.0 forwarded what it lacked to its pool: ``executor._max_workers``, ``_shutdown``,
+        and ``_self`` (the pool itself), for the current app. Never on the submit path."""
+        if name.startswith("__") or "_apps" not in vars(self):
+            raise AttributeError(name)
+        try:
+            pool = self._state().pool
+        except RuntimeError:
+            raise AttributeError(f"{name!r}: this Executor serves no app here") from None
+        return pool if name == "_self" else getattr(pool, name)
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:
+        """1.0's Executor reported its pool's class: ``isinstance(executor,
+        ThreadPoolExecutor)`` held for a thread executor. ``type(executor)`` is Executor."""
+        try:
+            return type(self._state().pool)
+        except RuntimeError:  # serves no app here: just what it is
+            return type(self)
 
 
 def _chunks(items: Iterator[tuple[Any, ...]], size: int) -> Iterator[list[tuple[Any, ...]]]:
@@ -889,7 +944,7 @@ class ExecutorJob:
         return self.executor.submit(self, *args, **kwargs)
 
     def submit_stored(self, future_key: Any, *args: Any, **kwargs: Any) -> Future[Any]:
-        return self.executor.submit_stored(future_key, self, *args, **kwargs)
+        return self.executor.submit_stored(future_key, self, *args, **kwargs)  # 1.0's signature
 
     def map(self, *iterables: Iterable[Any], **kwargs: Any) -> Iterator[Any]:
         return self.executor.map(self, *iterables, **kwargs)
@@ -897,12 +952,25 @@ class ExecutorJob:
 
 # -- 6. 1.0 import paths: flask_executor.executor and flask_executor.futures ----------
 
-for _name, _names in [
-    ("executor", {"Executor": Executor, "ExecutorJob": ExecutorJob}),
-    ("futures", {"FutureCollection": FutureCollection, "Future": Future}),
-]:
+
+def propagate_exceptions_callback(future: Future[Any]) -> None:
+    """1.0's done-callback that re-raises a task's exception (ours logs it instead)."""
+    exc = future.exception()
+    if exc is not None:
+        raise exc
+
+
+_one_zero: dict[str, dict[str, object]] = {
+    "executor": {
+        "Executor": Executor,
+        "ExecutorJob": ExecutorJob,
+        "propagate_exceptions_callback": propagate_exceptions_callback,
+    },
+    "futures": {"FutureCollection": FutureCollection, "Future": Future},
+}
+for _name, _names in _one_zero.items():
     _module = types.ModuleType(f"{__name__}.{_name}")
     vars(_module).update(_names)
     sys.modules.setdefault(_module.__name__, _module)
     globals()[_name] = sys.modules[_module.__name__]
-del _name, _names, _module
+del _name, _names, _module, _one_zero

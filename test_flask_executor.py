@@ -700,15 +700,6 @@ class TestExtension:
             assert executor.futures.pop("t").result() == 12
         assert isinstance(triple, ExecutorJob) and triple.__name__ == "triple"
 
-    def test_init_app_twice_is_refused(self, make_executor):
-        app, executor = make_executor()
-        with pytest.raises(RuntimeError, match="already set"):
-            executor.init_app(app)
-        with pytest.raises(RuntimeError, match="give each Executor its own name"):
-            Executor(app)
-        executors_named = Executor(app, name="other")
-        executors_named.shutdown()
-
     def test_several_apps(self, executors):
         executor = Executor()
         executors.append(executor)
@@ -815,6 +806,103 @@ job_executor = Executor(name="jobs")  # decorated before any init_app, as in app
 @job_executor.job
 def cube(x: int) -> int:
     return x * x * x
+
+
+# -- 1.0's real callers: keyword calls, re-init, current_app, forwarded attributes ----------
+
+
+def run_command(cmd: str, timeout: float = 1) -> str:
+    return f"ran {cmd} within {timeout}"
+
+
+class TestOneZeroCallers:
+    def test_keyword_calls_as_published_extensions_make_them(self, make_executor):
+        app, executor = make_executor()
+
+        @app.post("/commands/<key>")
+        def start(key: str) -> str:  # as Flask-Shell2HTTP calls it
+            executor.submit_stored(future_key=key, fn=run_command, cmd="ls", timeout=3)
+            return "accepted"
+
+        client = app.test_client()
+        assert client.post("/commands/k1").text == "accepted"
+        with app.app_context():
+            assert executor.futures.result("k1", timeout=TIMEOUT) == "ran ls within 3"
+            assert executor.submit(fn=run_command, cmd="pwd").result(TIMEOUT) == "ran pwd within 1"
+            assert executor.submit_stored("k2", fn=run_command, cmd="id").result(TIMEOUT)
+            job = executor.job(run_command)
+            assert job.submit_stored(future_key="k3", cmd="w").result(TIMEOUT) == "ran w within 1"
+            # a task's own keyword argument named fn still reaches the task
+            assert executor.submit(lambda fn: fn(), fn=lambda: 5).result(TIMEOUT) == 5
+        with pytest.raises(TypeError, match=r"submit\(\) needs a callable"):
+            executor.submit(cmd="no task")
+
+    def test_second_executor_on_an_app_replaces_the_first(self, executors, caplog):
+        app = make_app(EXECUTOR_MAX_WORKERS=1)
+        first = Executor(app)
+        executors.append(first)
+        with app.app_context():
+            first_pool = first._self
+            assert first.submit(square, 2).result(TIMEOUT) == 4
+        second = Executor(app)  # a test helper building a fresh executor, as real apps do
+        executors.append(second)
+        assert app.extensions["executor"] is second
+        with app.app_context():
+            assert second.submit(square, 3).result(TIMEOUT) == 9
+            assert second._self is not first_pool
+        assert first_pool._shutdown  # the old pool's threads are not left behind
+        assert "replacing" in caplog.text and "app.extensions['executor']" in caplog.text
+        second.init_app(app)  # and init_app again on the same executor
+        with app.app_context():
+            assert second.submit(square, 4).result(TIMEOUT) == 16
+
+    def test_executor_built_in_a_view_on_current_app(self, executors):
+        app = make_app()
+
+        @app.route("/build")
+        def build() -> str:
+            executor = Executor(current_app)  # every request, as some real apps do
+            executors.append(executor)
+            return str(executor.submit(square, 6).result(TIMEOUT))
+
+        client = app.test_client()
+        assert [client.get("/build").text for _ in range(3)] == ["36"] * 3
+        assert isinstance(app.extensions["executor"], Executor)
+
+    def test_failed_init_app_leaves_the_app_as_it_was(self):
+        class NoPool(Backend):
+            def create_pool(self, max_workers, config):
+                raise OSError("no threads left")
+
+        app = make_app(EXECUTOR_TYPE=NoPool())
+        before = (dict(app.config), dict(app.extensions))
+        with pytest.raises(OSError, match="no threads left"):
+            Executor(app)
+        assert (dict(app.config), dict(app.extensions)) == before
+        app.config["EXECUTOR_TYPE"] = "thread"
+        executor = Executor(app)  # a retry works
+        with app.app_context():
+            assert executor.submit(square, 2).result(TIMEOUT) == 4
+        executor.shutdown()
+
+    def test_pool_attributes_read_through_the_executor(self, make_executor):
+        app, executor = make_executor(EXECUTOR_MAX_WORKERS=3)
+        with app.app_context():
+            assert executor._max_workers == 3  # real code reads this
+            assert isinstance(executor, cf.ThreadPoolExecutor) and type(executor) is Executor
+            assert isinstance(executor._self, cf.ThreadPoolExecutor)
+            assert executor._shutdown is False
+            executor.shutdown()
+            assert executor._shutdown is True
+        with pytest.raises(AttributeError):
+            executor.no_such_attribute  # noqa: B018
+
+    def test_proxied_object_of_a_future(self, make_executor):
+        app, executor = make_executor()
+        with app.app_context():
+            future = executor.submit(square, 3)
+            assert future.result(TIMEOUT) == 9
+            assert getattr(future, "__proxied_object")._state == "FINISHED"
 
 
 # -- 6. 1.0 import paths and vendoring ----------------------------------------------
