@@ -891,16 +891,10 @@ class Executor(concurrent.futures.Executor):
             if state is not None and state.executor is self:  # not a replacement's pool
                 state.shutdown(wait, cancel_futures)
 
-    def __getattr__(self, name: str) -> Any:
-        """1.0 forwarded what it lacked to its pool: ``executor._max_workers``, ``_shutdown``,
-        and ``_self`` (the pool itself), for the current app. Never on the submit path."""
-        if name.startswith("__") or "_apps" not in vars(self):
-            raise AttributeError(name)
-        try:
-            pool = self._state().pool
-        except RuntimeError:
-            raise AttributeError(f"{name!r}: this Executor serves no app here") from None
-        return pool if name == "_self" else getattr(pool, name)
+    @property
+    def _self(self) -> concurrent.futures.Executor:
+        """1.0's name for the current app's pool."""
+        return self._state().pool
 
     @property  # type: ignore[misc]
     def __class__(self) -> type:
@@ -910,6 +904,18 @@ class Executor(concurrent.futures.Executor):
             return type(self._state().pool)
         except RuntimeError:  # serves no app here: just what it is
             return type(self)
+
+
+def _forwarded(name: str) -> property:
+    return property(lambda executor: getattr(executor._self, name), doc=f"The pool's {name}.")
+
+
+# 1.0's Executor forwarded the attributes it lacked to its pool; real code reads these. As
+# properties, not __getattr__, which would slow every attribute read on the submit path.
+for _attribute in ["_max_workers", "_shutdown", "_broken", "_threads", "_work_queue",
+                   "_processes", "_mp_context", "_thread_name_prefix"]:  # fmt: skip
+    setattr(Executor, _attribute, _forwarded(_attribute))
+del _attribute
 
 
 def _chunks(items: Iterator[tuple[Any, ...]], size: int) -> Iterator[list[tuple[Any, ...]]]:
