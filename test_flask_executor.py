@@ -1428,8 +1428,8 @@ class TestForks:
                         got = [executor.submit(add, n, 1000 * child).result(30) for n in range(20)]
                         ok = got == [n + 1000 * child for n in range(20)]
                         own = executor.futures.done("parent") is None
-                    print(json.dumps({{"child": child, "ok": ok, "parent_key_gone": own}}))
-                    sys.stdout.flush()
+                    line = json.dumps({{"child": child, "ok": ok, "parent_key_gone": own}})
+                    os.write(1, (line + "\n").encode())  # one write: lines never interleave
                     os._exit(0)
                 children.append(pid)
             for pid in children:
