@@ -1429,7 +1429,7 @@ class TestForks:
                         ok = got == [n + 1000 * child for n in range(20)]
                         own = executor.futures.done("parent") is None
                     line = json.dumps({{"child": child, "ok": ok, "parent_key_gone": own}})
-                    os.write(1, (line + "\n").encode())  # one write: lines never interleave
+                    os.write(1, (line + "\\n").encode())  # one write: lines never interleave
                     os._exit(0)
                 children.append(pid)
             for pid in children:
