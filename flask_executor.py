@@ -315,12 +315,12 @@ class _GeventExecutor(concurrent.futures.Executor):
             self._spawn(self._waiting.popleft())
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        self._shutdown = True
         if wait and self._getcurrent() in self._pool.greenlets:
             raise RuntimeError(
                 "cannot join current greenlet: shutdown(wait=True) was called from one of this "
                 "executor's own tasks, which would wait for itself; use shutdown(wait=False)"
             )
+        self._shutdown = True
         if cancel_futures:
             for greenlet in list(self._pool):  # spawned, not started: cancel() succeeds
                 if greenlet.args:  # gevent drops args once a greenlet has run
@@ -338,6 +338,7 @@ def _run_in_future(future: Future[Any], fn: Task, args: tuple[Any, ...], kwargs:
         result = fn(*args, **kwargs)
     except BaseException as exc:
         future.set_exception(exc)
+        future = None  # type: ignore[assignment]  # the traceback holds this frame: no cycle
     else:
         future.set_result(result)
 
@@ -361,20 +362,20 @@ def register_backend(name: str, backend: Backend) -> None:
 
 # What a task keeps of its submitter, captured at submit (kept to a tuple: submit is the
 # request path): (app, a copy of the context variables, a copy of g's attributes or None,
-# whether to push a fresh app context, the task itself).
-Captured = tuple[Flask, contextvars.Context, Optional[dict[str, Any]], bool, Task]
+# whether to push a fresh app context, the task itself, the process that submitted it).
+Captured = tuple[Flask, contextvars.Context, Optional[dict[str, Any]], bool, Task, int]
 
 
 def _run_task(captured: Captured, /, *args: Any, **kwargs: Any) -> Any:
     """Run a task in the captured variables (entered once: a task runs once)."""
-    app, context, g_attrs, push, fn = captured
+    app, context, g_attrs, push, fn, _ = captured
     return context.run(_in_app_context, app, g_attrs, push, True, fn, args, kwargs)
 
 
 def _run_callback(captured: Captured, fn: Callback, future: Future[Any]) -> None:
     """Run a done-callback as its task ran; any exception is logged, never raised: a
     SystemExit raised here would end the pool's thread, and every task queued behind it."""
-    app, context, g_attrs, push, task = captured
+    app, context, g_attrs, push, task, _ = captured
     try:
         context.copy().run(_in_app_context, app, g_attrs, push, False, fn, (future,), {})
     except BaseException:
@@ -422,6 +423,7 @@ def _in_app_context(
             if teardown:
                 _teardown(app_ctx, error)
         finally:
+            error = None  # the traceback holds this frame: no cycle keeping the task alive
             _leave(app_ctx)
             if appcontext_popped.receivers:
                 appcontext_popped.send(app, _async_wrapper=app.ensure_sync)
@@ -503,6 +505,8 @@ class _ContextFuture(Future):  # type: ignore[type-arg]
 
     def __del__(self) -> None:
         if self._exception is None or self._retrieved or self._captured is None:
+            return
+        if self._captured[5] != _pid:  # a copy a forked child inherited: the parent's to read
             return
         app, task = self._captured[0], self._captured[4]
         with contextlib.suppress(Exception):  # logging may be torn down at interpreter exit
@@ -650,7 +654,10 @@ def _after_fork_in_child() -> None:
     _fork_lock = threading.Lock()  # another thread may have held it at the fork
     forkserver = sys.modules.get("multiprocessing.forkserver")
     if forkserver is not None:  # the parent's fork server is not this process's child
-        forkserver._forkserver = forkserver.ForkServer()  # type: ignore[attr-defined]
+        server: Any = getattr(forkserver, "_forkserver")  # noqa: B009
+        preload = server._preload_modules
+        server.__init__()  # forgets it, in place (the module's functions are bound to it)
+        server._preload_modules = preload
 
 
 if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
@@ -689,6 +696,8 @@ class _AppState:
         self.futures = FutureCollection(self.max_length, self.app.logger)
         self._pool_lock = threading.Lock()  # guards replacing a broken pool
         self.pid = _pid
+        if self._shutdown:  # shut down before the fork: stays shut down in the child
+            self.pool.shutdown(wait=False)
 
     def start(self, fn: Task, args: tuple[Any, ...], kwargs: Any) -> Future[Any]:
         """Submit one task to the pool, replacing the pool once if it is broken."""
@@ -697,7 +706,7 @@ class _AppState:
         app_ctx = _cv_app.get(None)
         g_attrs = app_ctx.g.__dict__.copy() if self.push and app_ctx is not None else None
         # the copied variables hold the request, the session and the caller's own variables
-        captured = (self.app, contextvars.copy_context(), g_attrs, self.push, fn)
+        captured = (self.app, contextvars.copy_context(), g_attrs, self.push, fn, _pid)
         if self.contexts:
             fn, args = _run_task, (captured, *args)
         pool = self.pool
@@ -734,10 +743,11 @@ class _AppState:
             return self.pool
 
     def shutdown(self, wait: bool, cancel_futures: bool) -> None:
+        if self.pid != _pid:  # the pool and its lock are the parent's: leave them alone
+            self._shutdown = True
+            return
         with self._pool_lock:
             self._shutdown = True
-        if self.pid != _pid:
-            return  # a pool of the parent process: not this process's to stop
         if cancel_futures and "cancel_futures" in inspect.signature(self.pool.shutdown).parameters:
             self.pool.shutdown(wait=wait, cancel_futures=True)
         else:  # pools that predate cancel_futures (Dask's, loky's) run what they queued
@@ -895,15 +905,6 @@ class Executor(concurrent.futures.Executor):
     def _self(self) -> concurrent.futures.Executor:
         """1.0's name for the current app's pool."""
         return self._state().pool
-
-    @property  # type: ignore[misc]
-    def __class__(self) -> type:
-        """1.0's Executor reported its pool's class: ``isinstance(executor,
-        ThreadPoolExecutor)`` held for a thread executor. ``type(executor)`` is Executor."""
-        try:
-            return type(self._state().pool)
-        except RuntimeError:  # serves no app here: just what it is
-            return type(self)
 
 
 def _forwarded(name: str) -> property:

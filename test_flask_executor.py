@@ -889,7 +889,7 @@ class TestOneZeroCallers:
         app, executor = make_executor(EXECUTOR_MAX_WORKERS=3)
         with app.app_context():
             assert executor._max_workers == 3  # real code reads this
-            assert isinstance(executor, cf.ThreadPoolExecutor) and type(executor) is Executor
+            assert isinstance(executor._self, cf.ThreadPoolExecutor)
             assert isinstance(executor._self, cf.ThreadPoolExecutor)
             assert executor._shutdown is False
             executor.shutdown()
@@ -1399,26 +1399,30 @@ class TestForks:
         futures = [outer.submit(square_via_own_executor, n) for n in range(4)]
         assert [f.result(TIMEOUT) for f in futures] == [0, 1, 4, 9]
 
-    @pytest.mark.parametrize("backend", ["thread", "process", "gevent"])
+    @pytest.mark.parametrize(
+        ("backend", "method"),
+        [("thread", "fork"), ("process", "fork"), ("process", "forkserver"), ("gevent", "fork")],
+    )
     @pytest.mark.parametrize("warm", [True, False], ids=["warm", "cold"])
-    def test_os_fork_children_get_their_own_pool_and_futures(self, backend, warm):
+    def test_os_fork_children_get_their_own_pool_and_futures(self, backend, method, warm):
         if backend == "gevent":
             pytest.importorskip("gevent")
         out = run_script(
             f"""
-            import json, os, signal, sys
+            import gc, json, os, signal, sys
             from flask import Flask
             from flask_executor import Executor
-            from test_flask_executor import add, square
+            from test_flask_executor import add, fail, settle, square
 
             app = Flask("forked")
             app.config.update(EXECUTOR_TYPE={backend!r}, EXECUTOR_MAX_WORKERS=2,
-                              EXECUTOR_START_METHOD="fork")
+                              EXECUTOR_START_METHOD={method!r})
             executor = Executor(app)
             if {warm}:  # pools, threads and processes started before the fork
                 with app.app_context():
                     assert executor.submit(square, 3).result(30) == 9
                     executor.submit_stored("parent", square, 4).result(30)
+                    settle(executor.submit_stored("parent-fail", fail, "the parent's to read"))
             children = []
             for child in (1, 2):
                 pid = os.fork()
@@ -1428,6 +1432,7 @@ class TestForks:
                         got = [executor.submit(add, n, 1000 * child).result(30) for n in range(20)]
                         ok = got == [n + 1000 * child for n in range(20)]
                         own = executor.futures.done("parent") is None
+                    gc.collect()  # the parent's futures, dropped here, are not logged here
                     line = json.dumps({{"child": child, "ok": ok, "parent_key_gone": own}})
                     os.write(1, (line + "\\n").encode())  # one write: lines never interleave
                     os._exit(0)
@@ -1436,11 +1441,14 @@ class TestForks:
                 assert os.waitpid(pid, 0)[1] == 0
             with app.app_context():  # and the parent's own pool still serves it
                 assert executor.submit(add, 1, 1).result(30) == 2
+                if {warm}:
+                    assert isinstance(executor.futures.pop("parent-fail").exception(), ValueError)
             executor.shutdown()
             print("parent ok")
             """
         )
         assert out.returncode == 0, out.stderr
+        assert "never retrieved" not in out.stderr, out.stderr
         lines = out.stdout.split("\n")
         results = sorted(json.loads(line)["child"] for line in lines if line.startswith("{"))
         assert results == [1, 2], out.stdout + out.stderr
@@ -1490,6 +1498,31 @@ def is_running(pid: int) -> bool:
         return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
     except FileNotFoundError:
         return False
+
+
+def test_shutdown_before_a_fork_holds_in_the_child():
+    out = run_script(
+        """
+        import os
+        from flask import Flask
+        from flask_executor import Executor
+        from test_flask_executor import square
+
+        app = Flask("shut")
+        executor = Executor(app)
+        executor.shutdown()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                executor.submit(square, 2)
+                os._exit(1)  # accepted: wrong
+            except RuntimeError as exc:
+                os._exit(0 if "after shutdown" in str(exc) else 2)
+        assert os.waitpid(pid, 0)[1] == 0, "the child accepted a task after shutdown()"
+        print("ok")
+        """
+    )
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
 
 
 def echo_in_process(n: str) -> tuple[str, int]:
@@ -1834,6 +1867,23 @@ class TestNothingSilent:
             assert "nobody read me" in caplog.text and "Traceback" in caplog.text
             assert "never retrieved" in record.getMessage() and "fail" in record.getMessage()
 
+    @pytest.mark.parametrize("backend", ["thread", "gevent"])
+    def test_dropped_failed_future_is_freed_at_once(self, make_executor, caplog, backend):
+        if backend == "gevent":
+            pytest.importorskip("gevent")
+        app, executor = make_executor(EXECUTOR_TYPE=backend)
+        with app.app_context():
+            future = executor.submit(fail, "freed")
+            settle(future)
+        future_ref = weakref.ref(future)
+        gc.disable()  # no cycle may keep the future, and so its task and request, alive
+        try:
+            del future
+            assert future_ref() is None
+            assert "never retrieved" in caplog.text
+        finally:
+            gc.enable()
+
     def test_retrieved_exception_is_not_logged(self, make_executor, caplog):
         app, executor = make_executor()
         with app.app_context():
@@ -1898,6 +1948,7 @@ class TestNothingSilent:
             future = executor.submit(executor.shutdown, wait=True)
             with pytest.raises(RuntimeError, match="cannot join current greenlet"):
                 future.result(TIMEOUT)
+            assert executor.submit(square, 3).result(TIMEOUT) == 9  # refused: not shut down
         executor.shutdown(wait=True)  # returns: nothing is left waiting on itself
 
     def test_big_argument_is_pickled_once(self, make_executor):
