@@ -480,16 +480,15 @@ class _ContextFuture(Future):  # type: ignore[type-arg]
         super().add_done_callback(fn)
 
     def result(self, timeout: float | None = None) -> Any:
-        try:
-            return super().result(self._wait(timeout))
-        except concurrent.futures.TimeoutError:
-            raise concurrent.futures.TimeoutError(self._late(timeout)) from None
-        finally:
-            self._retrieved = self._retrieved or self._state == "FINISHED"
+        return self._read(Future.result, timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
+        return self._read(Future.exception, timeout)  # type: ignore[no-any-return]
+
+    def _read(self, read: Callable[[Future[Any], float | None], Any], timeout: float | None) -> Any:
+        """result() or exception(): a timeout names the task; the outcome counts as read."""
         try:
-            return super().exception(self._wait(timeout))
+            return read(self, self._wait(timeout))
         except concurrent.futures.TimeoutError:
             raise concurrent.futures.TimeoutError(self._late(timeout)) from None
         finally:
