@@ -856,6 +856,8 @@ class Executor(concurrent.futures.Executor):
         1.0's keyword form ``submit_stored(future_key=key, fn=task, ...)`` works too.
         """
         if future_key is _MISSING:
+            if "future_key" not in kwargs:
+                raise TypeError("submit_stored() needs a future_key: submit_stored(key, fn, ...)")
             future_key = kwargs.pop("future_key")
         if fn is None:
             fn = kwargs.pop("fn", None)

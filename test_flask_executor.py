@@ -836,6 +836,8 @@ class TestOneZeroCallers:
             assert executor.submit(lambda fn: fn(), fn=lambda: 5).result(TIMEOUT) == 5
         with pytest.raises(TypeError, match=r"submit\(\) needs a callable"):
             executor.submit(cmd="no task")
+        with pytest.raises(TypeError, match=r"submit_stored\(\) needs a future_key"):
+            executor.submit_stored(fn=run_command, cmd="no key")
 
     def test_second_executor_on_an_app_replaces_the_first(self, executors, caplog):
         app = make_app(EXECUTOR_MAX_WORKERS=1)
