@@ -15,6 +15,10 @@ Config keys, read from ``app.config``, else the environment (``Executor(name='ma
 - ``EXECUTOR_PUSH_APP_CONTEXT``: run thread and gevent tasks in a fresh app context (True).
 - ``EXECUTOR_START_METHOD``: how process workers start: ``'spawn'`` (default),
   ``'forkserver'`` or ``'fork'``.
+- ``EXECUTOR_FUTURES_STORE``: where stored futures live: ``'memory'`` (default: this process),
+  ``'sqlite:///path.db'`` (every process on the machine; relative to ``app.instance_path``),
+  ``'redis://host:port/db'`` (several machines), or a :class:`FuturesStore` object.
+- ``EXECUTOR_FUTURES_TTL``: seconds a shared store keeps a finished future (None: no limit).
 """
 
 from __future__ import annotations
@@ -31,9 +35,14 @@ import logging
 import multiprocessing
 import os
 import pickle
+import random
 import re
+import socket
+import sqlite3
 import sys
 import threading
+import time
+import traceback
 import types
 import weakref
 from concurrent.futures import Future
@@ -52,8 +61,11 @@ __all__ = [
     "Executor",
     "ExecutorJob",
     "FutureCollection",
+    "FuturesStore",
     "GeventBackend",
     "ProcessBackend",
+    "RedisStore",
+    "SQLiteStore",
     "ThreadBackend",
     "register_backend",
 ]
@@ -73,6 +85,8 @@ _KEYS = [
     "EXECUTOR_PROPAGATE_EXCEPTIONS",
     "EXECUTOR_PUSH_APP_CONTEXT",
     "EXECUTOR_START_METHOD",
+    "EXECUTOR_FUTURES_STORE",
+    "EXECUTOR_FUTURES_TTL",
 ]
 _TRUE = {"1", "true", "t", "yes", "y", "on"}
 _FALSE = {"0", "false", "f", "no", "n", "off"}
@@ -120,6 +134,29 @@ class Config:
             return text in _TRUE
         raise ValueError(
             f"{self.prefix}{key} must be a bool (true/false, 1/0, yes/no, on/off), got {value!r}"
+        )
+
+    def store(self) -> FuturesStore | None:
+        """The shared store EXECUTOR_FUTURES_STORE names; None for this process's memory."""
+        value = self.get("EXECUTOR_FUTURES_STORE", "memory")
+        if isinstance(value, FuturesStore):
+            return value
+        url = "" if value is None else str(value).strip()
+        namespace = f"{self.app.import_name}:{self.prefix}"
+        if url.lower() in ("", "memory", "none"):
+            return None
+        if url.startswith("sqlite:///") and url[10:] not in ("", ":memory:"):
+            path = url[10:]  # sqlite:////abs.db: an absolute path; else under instance_path
+            if not os.path.isabs(path):
+                os.makedirs(self.app.instance_path, exist_ok=True)
+                path = os.path.join(self.app.instance_path, path)
+            return SQLiteStore(path, namespace)
+        if url.startswith(("redis://", "rediss://", "unix://")):
+            return RedisStore(url, namespace)
+        raise ValueError(
+            f"{self.prefix}EXECUTOR_FUTURES_STORE={value!r} is not a futures store: use "
+            "'memory', 'sqlite:///relative/path.db', 'sqlite:////absolute/path.db', "
+            "'redis://host:port/db' or a FuturesStore object"
         )
 
     def backend(self) -> Backend:
@@ -199,7 +236,7 @@ class _ProcessPool(concurrent.futures.ProcessPoolExecutor):
         name = getattr(fn, "__qualname__", "")
         if "<lambda>" in name or "<locals>" in name:
             raise TypeError(_unpicklable(fn, "a lambda or nested function has no importable name"))
-        if isinstance(getattr(fn, "__self__", None), Flask):
+        if isinstance(getattr(inspect.unwrap(fn), "__self__", None), Flask):
             raise TypeError(_unpicklable(fn, "it is a bound method of the Flask app"))
         return super().submit(_in_fresh_context, fn, *args, **kwargs)
 
@@ -562,15 +599,14 @@ class FutureCollection:
 
     def add(self, future_key: Any, future: Future[Any]) -> None:
         """Store ``future``; ValueError if ``future_key`` is taken."""
-        self._store(future_key, lambda: future)
+        self._store(future_key, future, lambda _: future)
 
-    def _store(self, future_key: Any, make: Callable[[], Future[T]]) -> Future[T]:
+    def _store(self, future_key: Any, fn: Any, start: Callable[[Task], Future[T]]) -> Future[T]:
+        """Claim ``future_key``, then ``start(fn)`` and keep the future it returns."""
         with self._lock:
             if future_key in self._futures:
-                raise ValueError(
-                    f"future_key {future_key!r} already exists: pop it first or use another key"
-                )
-            future = make()
+                raise ValueError(_taken(future_key))
+            future = start(fn)
             while self.max_length is not None and len(self._futures) >= self.max_length:
                 self._evict()  # before adding: len never exceeds the bound
             self._futures[future_key] = future
@@ -629,13 +665,721 @@ class FutureCollection:
             raise AttributeError(name)
 
         def by_key(future_key: Any, *args: Any, **kwargs: Any) -> Any:
-            future = self._futures.get(future_key)
+            future = self.get(future_key)
             if future is None:
                 return None
             value = getattr(future, name)
             return value(*args, **kwargs) if callable(value) else value
 
         return by_key
+
+
+def _taken(future_key: Any) -> str:
+    return f"future_key {future_key!r} already exists: pop it first or use another key"
+
+
+# Stored futures shared by every process (EXECUTOR_FUTURES_STORE): a store keeps one row per
+# key: its state, the process that owns the task ("owner") and, once it has finished, its
+# pickled outcome. Any process reads the row; only the owner runs the task and writes it.
+PENDING, RUNNING, FINISHED, CANCELLED = "pending", "running", "finished", "cancelled"
+Row = tuple[int, str, str, str, Optional[bytes]]  # (id, state, owner, task name, outcome)
+
+
+class FuturesStore(abc.ABC):
+    """Where a shared futures dict keeps its rows: subclass it to plug in your own store.
+
+    Keys are strings. Each method is atomic across processes, and the store must pickle
+    (process tasks mark their start through it). A finished or cancelled row's outcome is
+    final: ``finish`` and ``cancel`` change only rows still pending (or running).
+    """
+
+    @abc.abstractmethod
+    def claim(
+        self, key: str, owner: str, task: str, max_length: int | None, ttl: float | None
+    ) -> tuple[int, list[str]] | None:
+        """Add a pending row and return its id, or None if ``key`` is taken. First drop the
+        finished rows older than ``ttl`` seconds, then, while ``max_length`` rows or more
+        remain, the oldest finished row, else the oldest row: also return those keys."""
+
+    @abc.abstractmethod
+    def start(self, row_id: int) -> bool:
+        """Pending to running; False if the row was cancelled (its task must not run)."""
+
+    @abc.abstractmethod
+    def finish(self, row_id: int, outcome: bytes | None) -> None:
+        """Pending or running to finished with ``outcome``, or to cancelled if None."""
+
+    @abc.abstractmethod
+    def read(self, key: str) -> Row | None:
+        """The row stored at ``key``."""
+
+    @abc.abstractmethod
+    def cancel(self, key: str) -> bool:
+        """Pending to cancelled; True if the row is cancelled now."""
+
+    @abc.abstractmethod
+    def pop(self, key: str) -> Row | None:
+        """Delete a finished or cancelled row and return it. An unfinished row is renamed
+        ``'d:<id>'`` instead (so its owner can still finish it), and returned."""
+
+    @abc.abstractmethod
+    def keys(self) -> list[str]:
+        """The keys, oldest first, leaving out those starting with ``'d:'``."""
+
+    @abc.abstractmethod
+    def alive(self, owner: str) -> bool:
+        """Whether the process ``owner`` may still finish its tasks."""
+
+
+_TAGS: dict[type, str] = {str: "s:", int: "i:"}  # stored keys carry their type
+
+
+def _key_text(future_key: Any) -> str:
+    tag = _TAGS.get(type(future_key))
+    if tag is None:
+        raise TypeError(
+            f"a shared futures store keeps str or int keys, got {future_key!r} "
+            f"({type(future_key).__name__}): use str(key)"
+        )
+    return f"{tag}{future_key}"
+
+
+def _key_of(text: str) -> Any:
+    return int(text[2:]) if text.startswith("i:") else text[2:]
+
+
+def _owner() -> str:
+    """This process, as stores name it: host, boot, pid and start time (pids are reused)."""
+    return f"{_HOST}/{_process_start(os.getpid())}"
+
+
+def _process_start(pid: int) -> str:
+    """``pid:start`` (its start time in clock ticks since boot, from Linux's /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return f"{pid}:"
+    return f"{pid}:{fields[19].decode()}" if fields[0] not in (b"Z", b"X") else f"{pid}:dead"
+
+
+def _alive_here(owner: str) -> bool | None:
+    """Whether ``owner`` is alive, if it ran on this machine (else None: cannot tell)."""
+    host, _, process = owner.rpartition("/")
+    if host != _HOST:
+        return None
+    pid, _, start = process.partition(":")
+    if start:  # Linux: the process with that pid must be the one that started then
+        return _process_start(int(pid)) == process
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass
+    return True
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as boot:
+            return boot.read().strip()
+    except OSError:
+        return ""
+
+
+_HOST = f"{socket.gethostname()}/{_boot_id()}"  # this machine, since it last booted
+
+
+def _outcome(future: Future[Any], fn: Task) -> bytes | None:
+    """A finished future's outcome as the store keeps it: pickled (exception, result,
+    traceback text); None if cancelled. What cannot be pickled fails, naming the type."""
+    if future.cancelled():
+        return None
+    exc = future.exception()
+    result = None if exc is not None else future.result()
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)) if exc else ""
+    try:
+        return pickle.dumps((exc, result, text))
+    except Exception as why:
+        value = f"its {type(exc).__qualname__}" if exc else f"its {type(result).__name__} result"
+        failure = TypeError(
+            f"stored task {_task_name(fn)} finished, but {value} cannot be pickled for other "
+            f"processes to read ({why}); return picklable values, or use the memory store"
+        )
+        return pickle.dumps((failure, None, text))
+
+
+class _RemoteTraceback(Exception):
+    """The traceback of a stored task's exception, as the process that ran it printed it."""
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.args[0]}"""'
+
+
+class _StoredTask:
+    """A stored task: marks its row running as it starts, and does not run if cancelled."""
+
+    def __init__(self, store: FuturesStore, row_id: int, future_key: Any, fn: Task) -> None:
+        functools.update_wrapper(self, fn)  # its name, for errors and the process checks
+        self.store, self.row_id, self.future_key, self.fn = store, row_id, future_key, fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.store.start(self.row_id):
+            raise concurrent.futures.CancelledError(
+                f"stored future {self.future_key!r} was cancelled before its task started"
+            )
+        return self.fn(*args, **kwargs)
+
+
+class _StoredFuture(Future):  # type: ignore[type-arg]
+    """A stored future as a shared store has it: each read asks the store again.
+
+    Done-callbacks added to it run in the thread whose read sees the task finish.
+    """
+
+    def __init__(self, futures: _SharedFutures, text: str, row: Row) -> None:
+        super().__init__()
+        self._futures, self._text = futures, text
+        self._update(row)
+
+    def _update(self, row: Row | None) -> None:
+        if row is None:
+            error = KeyError(f"stored future {_key_of(self._text)!r} was popped or evicted")
+            return self.set_exception(error)
+        state, owner, task, outcome = row[1:]
+        if state == CANCELLED:
+            with self._condition:
+                self._state = "CANCELLED_AND_NOTIFIED"
+                self._condition.notify_all()
+            self._invoke_callbacks()  # type: ignore[attr-defined]
+        elif state == FINISHED:
+            if self._text.startswith("d:"):  # popped while running: its reader deletes it
+                self._futures.store.pop(self._text)
+            exc, result, text = _loads(outcome, task)
+            if exc is None:
+                return self.set_result(result)
+            if text:
+                exc.__cause__ = _RemoteTraceback(text)
+            self.set_exception(exc)
+        elif not self._futures.store.alive(owner):
+            self.set_exception(
+                concurrent.futures.BrokenExecutor(
+                    f"stored future {_key_of(self._text)!r} is lost: the process {owner} that "
+                    f"ran its task {task} is gone"
+                )
+            )
+        elif state == RUNNING:
+            with self._condition:
+                self._state = "RUNNING"
+
+    def _refresh(self) -> None:
+        with self._condition:  # one read at a time resolves it
+            if self._state in ("PENDING", "RUNNING"):
+                self._update(self._futures.store.read(self._text))
+
+    def done(self) -> bool:
+        self._refresh()
+        return super().done()
+
+    def running(self) -> bool:
+        self._refresh()
+        return super().running()
+
+    def cancelled(self) -> bool:
+        self._refresh()
+        return super().cancelled()
+
+    def cancel(self) -> bool:
+        if self._state == "PENDING":
+            self._futures.store.cancel(self._text)
+        return self.cancelled()
+
+    def result(self, timeout: float | None = None) -> Any:
+        return super().result(self._poll(timeout))
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        return super().exception(self._poll(timeout))
+
+    def _poll(self, timeout: float | None) -> float:
+        """Wait for the task, reading the store with a backoff (1 ms, doubling to 50 ms)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.001
+        while not self.done():
+            left = 1.0 if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                raise concurrent.futures.TimeoutError(
+                    f"stored future {_key_of(self._text)!r} did not finish within {timeout} s"
+                )
+            _sleep(min(delay, left))
+            delay = min(delay * 2, 0.05)
+        return 0
+
+
+def _loads(outcome: bytes | None, task: str) -> tuple[BaseException | None, Any, str]:
+    try:
+        return pickle.loads(outcome or b"")  # type: ignore[no-any-return]
+    except Exception as why:
+        return RuntimeError(f"the outcome of stored task {task} cannot be read here: {why}"), 0, ""
+
+
+def _sleep(seconds: float) -> None:
+    """Sleep without blocking gevent's hub, monkey-patched or not."""
+    gevent = sys.modules.get("gevent")
+    (gevent.sleep if gevent is not None else time.sleep)(seconds)
+
+
+class _SharedFutures(FutureCollection):
+    """The futures dict over a shared store: every process sees the same keys and outcomes.
+
+    Reads return fresh views of the stored rows (:class:`_StoredFuture`); the task and its
+    done-callbacks run in the process that submitted it, which records the outcome.
+    """
+
+    def __init__(
+        self, store: FuturesStore, max_length: int | None, ttl: float | None, logger: Any
+    ) -> None:
+        super().__init__(max_length, logger)
+        self.store, self.ttl = store, ttl
+
+    def _store(self, future_key: Any, fn: Task, start: Callable[[Task], Future[T]]) -> Future[T]:
+        text = _key_text(future_key)
+        claimed = self.store.claim(text, _owner(), _task_name(fn), self.max_length, self.ttl)
+        if claimed is None:
+            raise ValueError(_taken(future_key))
+        row_id, dropped = claimed
+        for key in dropped:
+            self._logger.warning(
+                "futures store full (%s futures, EXECUTOR_FUTURES_MAX_LENGTH): dropped the "
+                "stored future %r while its task is still running (the task goes on); "
+                "raise EXECUTOR_FUTURES_MAX_LENGTH or pop futures once read",
+                self.max_length,
+                _key_of(key),
+            )
+        try:
+            future = start(_StoredTask(self.store, row_id, future_key, fn))
+        except BaseException:
+            self.store.finish(row_id, None)  # nothing was queued: free the key
+            self.store.pop(text)
+            raise
+        Future.add_done_callback(future, functools.partial(self._record, row_id, fn))
+        future._stored_text = text  # type: ignore[attr-defined]
+        return future
+
+    def _record(self, row_id: int, fn: Task, future: Future[Any]) -> None:
+        try:
+            self.store.finish(row_id, _outcome(future, fn))
+            future._retrieved = True  # type: ignore[attr-defined]  # kept: read it by key
+        except Exception:
+            self._logger.exception("could not store the outcome of task %s", _task_name(fn))
+
+    def get(self, future_key: Any, default: Any = None) -> Any:
+        text = _TAGS.get(type(future_key), "?") + str(future_key)
+        row = self.store.read(text)
+        return default if row is None else _StoredFuture(self, text, row)
+
+    def __getitem__(self, future_key: Any) -> Future[Any]:
+        future = self.get(future_key)
+        if future is None:
+            raise KeyError(future_key)
+        return future  # type: ignore[no-any-return]
+
+    def pop(self, future_key: Any) -> Future[Any] | None:
+        text = _TAGS.get(type(future_key), "?") + str(future_key)
+        row = self.store.pop(text)
+        if row is None:
+            return None
+        return _StoredFuture(self, text if row[1] in (FINISHED, CANCELLED) else f"d:{row[0]}", row)
+
+    def keys(self) -> list[Any]:
+        texts = self.store.keys()
+        return [_key_of(text) for text in texts]
+
+    def __len__(self) -> int:
+        return len(self.store.keys())
+
+    def __contains__(self, future: object) -> bool:
+        texts = self.store.keys()
+        return getattr(future, "_text", getattr(future, "_stored_text", None)) in texts
+
+    def values(self) -> list[Future[Any]]:
+        return [future for _, future in self.items()]
+
+    def items(self) -> list[tuple[Any, Future[Any]]]:
+        futures = ((key, self.get(key)) for key in self.keys())
+        return [(key, future) for key, future in futures if future is not None]
+
+
+_NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "glusterfs")
+
+
+def _filesystem(folder: str, table: str = "/proc/mounts") -> str:
+    """The type of the filesystem ``folder`` is on, from the mount table ('' if unknown)."""
+    best, kind = "", ""
+    with contextlib.suppress(OSError), open(table) as mounts:
+        for line in mounts:
+            _, point, fstype = line.split()[:3]
+            point = point.replace("\\040", " ")
+            inside = folder == point or folder.startswith(point.rstrip("/") + "/")
+            if inside and len(point) >= len(best):
+                best, kind = point, fstype
+    return kind
+
+
+class SQLiteStore(FuturesStore):
+    """Rows in a SQLite file (WAL), shared by every process on one machine.
+
+    One connection per thread at a time, from a pool that a forked child does not inherit.
+    """
+
+    def __init__(self, path: str, namespace: str = "") -> None:
+        self.path, self.namespace = os.path.abspath(path), namespace
+        folder = os.path.dirname(self.path)
+        if not os.path.isdir(folder):
+            raise ValueError(
+                f"the folder of the SQLite futures store {self.path!r} does not exist: "
+                "create it, or set EXECUTOR_FUTURES_STORE to a path in an existing folder"
+            )
+        kind = _filesystem(folder)
+        if kind in _NETWORK_FILESYSTEMS or kind.startswith("fuse"):
+            raise ValueError(
+                f"the SQLite futures store {self.path!r} is on a {kind} filesystem, where "
+                "SQLite's locks are not reliable: put it on a local disk, or use redis://"
+            )
+        self._pid = -1
+        self._idle: list[sqlite3.Connection] = []
+        self._idle_lock = threading.Lock()  # guards _idle
+        self._inherited: list[sqlite3.Connection] = []  # a parent's: kept, never used or closed
+        with self._db():  # creates the file and its table now: errors show at init_app
+            pass
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_shared_store, (type(self), self.path, self.namespace))
+
+    @contextlib.contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        if self._pid != _pid:  # first use in this process: the parent's connections stay put
+            with _fork_lock:
+                if self._pid != _pid:
+                    self._inherited += self._idle
+                    self._idle, self._idle_lock, self._pid = [], threading.Lock(), _pid
+        with self._idle_lock:
+            db = self._idle.pop() if self._idle else None
+        db = db or self._connect()
+        try:
+            yield db
+        finally:
+            if db.in_transaction:
+                db.rollback()
+            with self._idle_lock:
+                self._idle.append(db)
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
+        # Several processes opening a new file at once: switching to WAL does not wait for
+        # the others' locks, and may fail or leave the mode unchanged. Try again a while.
+        for attempt in range(200):
+            try:
+                if db.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal":
+                    db.execute("PRAGMA synchronous=NORMAL")
+                    db.execute(_SCHEMA)
+                    return db
+                error = "it did not switch to WAL"
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                error = str(exc)
+            time.sleep(random.uniform(0.005, 0.025) * min(attempt + 1, 4))
+        raise RuntimeError(f"cannot open the SQLite futures store {self.path!r}: {error}")
+
+    def claim(
+        self, key: str, owner: str, task: str, max_length: int | None, ttl: float | None
+    ) -> tuple[int, list[str]] | None:
+        now, ns = time.time(), self.namespace
+        with self._db() as db:
+            db.execute("BEGIN IMMEDIATE")
+            if ttl is not None:
+                db.execute(
+                    "DELETE FROM executor_futures WHERE ns = ? AND state IN (?, ?) AND "
+                    "finished < ?",
+                    (ns, FINISHED, CANCELLED, now - ttl),
+                )
+            if db.execute(_SELECT + "key = ?", (ns, key)).fetchone():
+                return None  # _db() rolls back
+            count = db.execute(_COUNT, (ns,)).fetchone()[0]
+            dropped = []
+            while max_length is not None and count >= max_length:
+                row_id, old_key, state = db.execute(_OLDEST, (ns, FINISHED, CANCELLED)).fetchone()
+                db.execute("DELETE FROM executor_futures WHERE id = ?", (row_id,))
+                if state not in (FINISHED, CANCELLED) and not old_key.startswith("d:"):
+                    dropped.append(old_key)
+                count -= 1
+            row_id = db.execute(
+                "INSERT INTO executor_futures (ns, key, owner, task, state, created) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (ns, key, owner, task, PENDING, now),
+            ).lastrowid
+            db.execute("COMMIT")
+        return row_id or 0, dropped
+
+    def start(self, row_id: int) -> bool:
+        with self._db() as db:
+            db.execute(_SET_STATE + "id = ? AND state = ?", (RUNNING, None, row_id, PENDING))
+            row = db.execute("SELECT state FROM executor_futures WHERE id = ?", (row_id,))
+            return bool(row.fetchone() != (CANCELLED,))  # evicted (no row): the task still runs
+
+    def finish(self, row_id: int, outcome: bytes | None) -> None:
+        state = CANCELLED if outcome is None else FINISHED
+        with self._db() as db:
+            db.execute(
+                "UPDATE executor_futures SET state = ?, outcome = ?, finished = ? "
+                "WHERE id = ? AND state IN (?, ?)",
+                (state, outcome, time.time(), row_id, PENDING, RUNNING),
+            )
+
+    def read(self, key: str) -> Row | None:
+        with self._db() as db:
+            return db.execute(_SELECT + "key = ?", (self.namespace, key)).fetchone()  # type: ignore[no-any-return]
+
+    def cancel(self, key: str) -> bool:
+        with self._db() as db:
+            db.execute(
+                _SET_STATE + "ns = ? AND key = ? AND state = ?",
+                (CANCELLED, time.time(), self.namespace, key, PENDING),
+            )
+            row = db.execute(_SELECT + "key = ?", (self.namespace, key)).fetchone()
+        return row is not None and row[1] == CANCELLED
+
+    def pop(self, key: str) -> Row | None:
+        with self._db() as db:
+            db.execute("BEGIN IMMEDIATE")
+            row = db.execute(_SELECT + "key = ?", (self.namespace, key)).fetchone()
+            if row is not None and row[1] in (FINISHED, CANCELLED):
+                db.execute("DELETE FROM executor_futures WHERE id = ?", (row[0],))
+            elif row is not None:
+                db.execute(
+                    "UPDATE executor_futures SET key = ? WHERE id = ?", (f"d:{row[0]}", row[0])
+                )
+            db.execute("COMMIT")
+        return row  # type: ignore[no-any-return]
+
+    def keys(self) -> list[str]:
+        with self._db() as db:
+            rows = db.execute(
+                "SELECT key FROM executor_futures WHERE ns = ? AND key NOT LIKE 'd:%' ORDER BY id",
+                (self.namespace,),
+            )
+            return [key for (key,) in rows]
+
+    def alive(self, owner: str) -> bool:
+        return _alive_here(owner) is not False  # another machine's: cannot tell, so alive
+
+
+_SCHEMA = """CREATE TABLE IF NOT EXISTS executor_futures (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, ns TEXT NOT NULL, key TEXT NOT NULL,
+    owner TEXT NOT NULL, task TEXT NOT NULL, state TEXT NOT NULL, outcome BLOB,
+    created REAL NOT NULL, finished REAL, UNIQUE (ns, key))"""
+_SELECT = "SELECT id, state, owner, task, outcome FROM executor_futures WHERE ns = ? AND "
+_SET_STATE = "UPDATE executor_futures SET state = ?, finished = ? WHERE "
+_COUNT = "SELECT COUNT(*) FROM executor_futures WHERE ns = ?"
+_OLDEST = (  # finished rows first, then by age
+    "SELECT id, key, state FROM executor_futures WHERE ns = ? "
+    "ORDER BY state NOT IN (?, ?), id LIMIT 1"
+)
+
+
+def _shared_store(cls: type[FuturesStore], *args: Any) -> FuturesStore:
+    """A store unpickled in a worker process: one per process, not one per task."""
+    store = _STORES.get((cls, args))
+    if store is None:
+        store = _STORES[(cls, args)] = cls(*args)
+    return store
+
+
+_STORES: dict[tuple[Any, ...], FuturesStore] = {}
+
+
+class RedisStore(FuturesStore):
+    """Rows in Redis, shared by processes on several machines (one server, not a cluster).
+
+    Each process holds a lease, renewed every ``lease / 3`` seconds: its unfinished tasks
+    read as lost once its lease has run out (at once, when read on its own machine).
+    """
+
+    def __init__(self, url: str, namespace: str = "", lease: float = 15.0) -> None:
+        try:
+            import redis
+        except ImportError as exc:
+            raise ImportError(
+                f"the futures store {url!r} needs the redis package: pip install redis"
+            ) from exc
+        self.url, self.namespace, self.lease = url, namespace, lease
+        self._redis = redis.Redis.from_url(url)  # its pool reconnects in a forked child
+        self._prefix = f"flask_executor:{namespace}:"
+        self._scripts = {name: self._redis.register_script(_LUA + body) for name, body in _OPS}
+        self._leased = -1  # the process whose lease is being renewed
+        try:
+            self._redis.ping()
+        except redis.RedisError as exc:
+            raise ConnectionError(f"cannot reach the Redis futures store {url!r}: {exc}") from exc
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_shared_store, (type(self), self.url, self.namespace, self.lease))
+
+    def _run(self, name: str, *args: Any) -> Any:
+        return self._scripts[name](args=[self._prefix, *args])
+
+    def claim(
+        self, key: str, owner: str, task: str, max_length: int | None, ttl: float | None
+    ) -> tuple[int, list[str]] | None:
+        if self._leased != _pid:  # the first claim in this process: hold a lease from now
+            self._leased = _pid
+            self._renew(owner)
+            threading.Thread(target=self._renew_forever, args=(owner,), daemon=True).start()
+        limits = [-1 if max_length is None else max_length, -1 if ttl is None else ttl]
+        claimed = self._run("claim", key, owner, task, *limits, time.time())
+        if claimed is None:
+            return None
+        return int(claimed[0]), [key.decode() for key in claimed[1:]]
+
+    def _renew(self, owner: str) -> None:
+        self._redis.set(f"flask_executor:lease:{owner}", 1, px=int(self.lease * 1000))
+
+    def _renew_forever(self, owner: str) -> None:
+        while self._leased == _pid:
+            _sleep(self.lease / 3)
+            with contextlib.suppress(Exception):  # Redis away: try again next time
+                self._renew(owner)
+
+    def start(self, row_id: int) -> bool:
+        return bool(self._run("start", row_id))
+
+    def finish(self, row_id: int, outcome: bytes | None) -> None:
+        state = CANCELLED if outcome is None else FINISHED
+        self._run("finish", row_id, state, outcome or b"", time.time())
+
+    def read(self, key: str) -> Row | None:
+        return _row(self._run("read", key))
+
+    def cancel(self, key: str) -> bool:
+        return bool(self._run("cancel", key, time.time()))
+
+    def pop(self, key: str) -> Row | None:
+        return _row(self._run("pop", key))
+
+    def keys(self) -> list[str]:
+        return [key.decode() for key in self._run("keys")]
+
+    def alive(self, owner: str) -> bool:
+        here = _alive_here(owner)
+        if here is not None:
+            return here
+        return bool(self._redis.exists(f"flask_executor:lease:{owner}"))
+
+
+def _row(raw: list[Any] | None) -> Row | None:
+    if raw is None:
+        return None
+    row_id, state, owner, task, *outcome = raw
+    return int(row_id), state.decode(), owner.decode(), task.decode(), (outcome or [None])[0]
+
+
+# Redis: each operation is one Lua script (atomic). ARGV[1] is the namespace's prefix: P..'keys'
+# maps keys to row ids, P..'order' and P..'done' are the rows' ids (all, and the finished
+# ones) in order, and P..'row:'..id is a row's hash.
+_LUA = """
+local p = ARGV[1]
+local function drop(id)
+  local k = redis.call('HGET', p .. 'row:' .. id, 'key')
+  if k and redis.call('HGET', p .. 'keys', k) == id then redis.call('HDEL', p .. 'keys', k) end
+  redis.call('DEL', p .. 'row:' .. id)
+  redis.call('ZREM', p .. 'order', id)
+  redis.call('ZREM', p .. 'done', id)
+  return k
+end
+local function find(key)
+  local id = redis.call('HGET', p .. 'keys', key)
+  if not id then return false end
+  local row = redis.call('HMGET', p .. 'row:' .. id, 'state', 'owner', 'task', 'outcome')
+  return {id, row[1], row[2], row[3], row[4]}
+end
+local function finish(id, state, outcome, now)
+  redis.call('HSET', p .. 'row:' .. id, 'state', state, 'outcome', outcome, 'finished', now)
+  redis.call('ZADD', p .. 'done', id, id)
+end
+"""
+_OPS = [
+    (
+        "claim",
+        """
+if redis.call('HEXISTS', p .. 'keys', ARGV[2]) == 1 then return false end
+local max_length, ttl, now = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+if ttl >= 0 then
+  for _, id in ipairs(redis.call('ZRANGE', p .. 'done', 0, -1)) do
+    if tonumber(redis.call('HGET', p .. 'row:' .. id, 'finished')) < now - ttl then drop(id) end
+  end
+end
+local claimed = {0}
+local count = redis.call('ZCARD', p .. 'order')
+while max_length >= 0 and count >= max_length do
+  local id = redis.call('ZRANGE', p .. 'done', 0, 0)[1]
+  if id then drop(id) else
+    local k = drop(redis.call('ZRANGE', p .. 'order', 0, 0)[1])
+    if k and string.sub(k, 1, 2) ~= 'd:' then table.insert(claimed, k) end
+  end
+  count = count - 1
+end
+claimed[1] = redis.call('INCR', p .. 'id')
+redis.call('HSET', p .. 'row:' .. claimed[1], 'state', 'pending', 'owner', ARGV[3],
+           'task', ARGV[4], 'key', ARGV[2])
+redis.call('HSET', p .. 'keys', ARGV[2], claimed[1])
+redis.call('ZADD', p .. 'order', claimed[1], claimed[1])
+return claimed""",
+    ),
+    (
+        "start",
+        """
+local state = redis.call('HGET', p .. 'row:' .. ARGV[2], 'state')
+if state == 'pending' then redis.call('HSET', p .. 'row:' .. ARGV[2], 'state', 'running') end
+return state ~= 'cancelled' and 1 or 0""",
+    ),
+    (
+        "finish",
+        """
+local state = redis.call('HGET', p .. 'row:' .. ARGV[2], 'state')
+if state == 'pending' or state == 'running' then finish(ARGV[2], ARGV[3], ARGV[4], ARGV[5]) end""",
+    ),
+    ("read", "return find(ARGV[2])"),
+    (
+        "cancel",
+        """
+local row = find(ARGV[2])
+if row and row[2] == 'pending' then finish(row[1], 'cancelled', '', ARGV[3]) return 1 end
+return row and row[2] == 'cancelled' and 1 or 0""",
+    ),
+    (
+        "pop",
+        """
+local row = find(ARGV[2])
+if not row then return false end
+if row[2] == 'finished' or row[2] == 'cancelled' then drop(row[1]) else
+  redis.call('HDEL', p .. 'keys', ARGV[2])
+  redis.call('HSET', p .. 'keys', 'd:' .. row[1], row[1])
+  redis.call('HSET', p .. 'row:' .. row[1], 'key', 'd:' .. row[1])
+end
+return row""",
+    ),
+    (
+        "keys",
+        """
+local keys = {}
+for _, id in ipairs(redis.call('ZRANGE', p .. 'order', 0, -1)) do
+  local k = redis.call('HGET', p .. 'row:' .. id, 'key')
+  if k and string.sub(k, 1, 2) ~= 'd:' then table.insert(keys, k) end
+end
+return keys""",
+    ),
+]
 
 
 # -- 5. The extension --------------------------------------------------------------
@@ -678,12 +1422,16 @@ class _AppState:
         self.push = config.flag("EXECUTOR_PUSH_APP_CONTEXT", True)
         self.max_workers = max_workers
         self.max_length = max_length
+        self.store = config.store()
+        self.ttl = config.number("EXECUTOR_FUTURES_TTL", None)
         self.config = config
         self._shutdown = False
         self.own_pool()  # built now, so a bad config fails at init_app, before app changes
         used = [config.get("EXECUTOR_TYPE", "thread"), max_workers, max_length]
         method = config.get("EXECUTOR_START_METHOD", "spawn")
-        for key, value in zip(_KEYS, [*used, self.propagate, self.push, method]):  # _KEYS' order
+        store = config.get("EXECUTOR_FUTURES_STORE", "memory")
+        values = [*used, self.propagate, self.push, method, store, self.ttl]  # _KEYS' order
+        for key, value in zip(_KEYS, values):
             app.config.setdefault(config.prefix + key, value)
 
     def own_pool(self) -> None:
@@ -692,7 +1440,10 @@ class _AppState:
         The parent's are left untouched: their threads and pipes belong to the parent.
         """
         self.pool = self.backend.create_pool(self.max_workers, self.config)
-        self.futures = FutureCollection(self.max_length, self.app.logger)
+        if self.store is None:
+            self.futures = FutureCollection(self.max_length, self.app.logger)
+        else:
+            self.futures = _SharedFutures(self.store, self.max_length, self.ttl, self.app.logger)
         self._pool_lock = threading.Lock()  # guards replacing a broken pool
         self.pid = _pid
         if self._shutdown:  # shut down before the fork: stays shut down in the child
@@ -862,7 +1613,7 @@ class Executor(concurrent.futures.Executor):
         if fn is None:
             fn = kwargs.pop("fn", None)
         state = self._state()
-        future = state.futures._store(future_key, lambda: state.start(fn, args, kwargs))
+        future = state.futures._store(future_key, fn, lambda task: state.start(task, args, kwargs))
         return state.attach_callbacks(future, fn)
 
     def map(
