@@ -791,16 +791,14 @@ def _boot_id() -> str:
 _HOST = f"{socket.gethostname()}/{_boot_id()}"  # this machine, since it last booted
 
 
-def _outcome(future: Future[Any], fn: Task) -> bytes | None:
-    """A finished future's outcome as the store keeps it: pickled (exception, result,
-    traceback text); None if cancelled. What cannot be pickled fails, naming the type."""
-    if future.cancelled():
-        return None
-    exc = future.exception()
-    result = None if exc is not None else future.result()
+def _outcome(fn: Task, exc: BaseException | None, result: Any = None) -> bytes:
+    """A task's outcome as a store keeps it: pickled (exception, result, traceback text).
+    What cannot be pickled is replaced by a TypeError naming the task and the type."""
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)) if exc else ""
     try:
-        return pickle.dumps((exc, result, text))
+        outcome = pickle.dumps((exc, result, text))
+        pickle.loads(outcome)  # what pickles but cannot be re-created fails here, not in a reader
+        return outcome
     except Exception as why:
         value = f"its {type(exc).__qualname__}" if exc else f"its {type(result).__name__} result"
         failure = TypeError(
@@ -829,7 +827,13 @@ class _StoredTask:
             raise concurrent.futures.CancelledError(
                 f"stored future {self.future_key!r} was cancelled before its task started"
             )
-        return self.fn(*args, **kwargs)
+        try:  # the outcome is stored before the submitter's future has it: reads agree
+            result = self.fn(*args, **kwargs)
+        except BaseException as exc:
+            self.store.finish(self.row_id, _outcome(self.fn, exc))
+            raise
+        self.store.finish(self.row_id, _outcome(self.fn, None, result))
+        return result
 
 
 class _StoredFuture(Future):  # type: ignore[type-arg]
@@ -942,7 +946,12 @@ class _SharedFutures(FutureCollection):
         super().__init__(max_length, logger)
         self.store, self.ttl = store, ttl
 
-    def _store(self, future_key: Any, fn: Task, start: Callable[[Task], Future[T]]) -> Future[T]:
+    def add(self, future_key: Any, future: Future[Any]) -> None:
+        self._store(future_key, future, lambda _: future, every=True)
+
+    def _store(
+        self, future_key: Any, fn: Any, start: Callable[[Task], Future[T]], every: bool = False
+    ) -> Future[T]:
         text = _key_text(future_key)
         claimed = self.store.claim(text, _owner(), _task_name(fn), self.max_length, self.ttl)
         if claimed is None:
@@ -962,14 +971,18 @@ class _SharedFutures(FutureCollection):
             self.store.finish(row_id, None)  # nothing was queued: free the key
             self.store.pop(text)
             raise
-        Future.add_done_callback(future, functools.partial(self._record, row_id, fn))
+        Future.add_done_callback(future, functools.partial(self._record, row_id, fn, every))
         future._stored_text = text  # type: ignore[attr-defined]
         return future
 
-    def _record(self, row_id: int, fn: Task, future: Future[Any]) -> None:
+    def _record(self, row_id: int, fn: Task, every: bool, future: Future[Any]) -> None:
+        """Store what the task could not: cancelled, or failed outside it (a pool broke)."""
+        future._retrieved = True  # type: ignore[attr-defined]  # kept: read it by key
         try:
-            self.store.finish(row_id, _outcome(future, fn))
-            future._retrieved = True  # type: ignore[attr-defined]  # kept: read it by key
+            if future.cancelled():
+                self.store.finish(row_id, None)
+            elif (exc := future.exception()) is not None or every:
+                self.store.finish(row_id, _outcome(fn, exc, None if exc else future.result()))
         except Exception:
             self._logger.exception("could not store the outcome of task %s", _task_name(fn))
 

@@ -668,6 +668,385 @@ class TestFutures:
         assert len(executor.futures) == 0
 
 
+# -- 4b. Shared stores: SQLite and Redis (EXECUTOR_FUTURES_STORE) ---------------------------
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A real redis-server on 127.0.0.1 for the whole run, stopped at the end."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is not installed: .ci/run installs it with apt-get")
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    pytest.importorskip("redis")
+    port = free_port()
+    folder = tmp_path_factory.mktemp("redis")
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--dir", str(folder)]  # fmt: skip
+    server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "no redis-server"
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)
+        server.wait(TIMEOUT)
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store_url(request, tmp_path):
+    """A fresh shared store's URL: a new SQLite file, or the Redis server emptied."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/futures.db"  # sqlite:////abs/path: an absolute path
+    url = request.getfixturevalue("redis_server")
+    import redis
+
+    redis.Redis.from_url(url).flushall()
+    return url
+
+
+def wait_until(check, timeout: float = TIMEOUT) -> None:
+    """Poll ``check()`` (a read of state another process or a store holds) until true."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {check}"
+        time.sleep(0.01)
+
+
+def wait_event(event_name: str) -> str:
+    """A thread task that blocks on a named module-level Event (set by the test)."""
+    STARTED.set()
+    EVENTS[event_name].wait(TIMEOUT)
+    return event_name
+
+
+STARTED = threading.Event()
+EVENTS: dict[str, threading.Event] = {}
+
+
+class TestSharedStores:
+    @pytest.mark.parametrize("backend", ["thread", "process", "gevent"])
+    def test_reads_by_key_match_a_local_future(self, make_executor, store_url, backend):
+        if backend == "gevent":
+            pytest.importorskip("gevent")
+        app, executor = make_executor(EXECUTOR_TYPE=backend, EXECUTOR_FUTURES_STORE=store_url)
+        with app.app_context():
+            future = executor.submit_stored("k", square, 5)
+            assert future.result(TIMEOUT) == 25
+            futures = executor.futures
+            assert futures.result("k", timeout=TIMEOUT) == 25
+            assert futures.done("k") is True and futures._state("k") == "FINISHED"
+            assert futures.exception("k") is None
+            assert futures.running("k") is False and futures.cancelled("k") is False
+            assert futures["k"].result() == 25 and futures.get("k").done()
+            assert futures.keys() == ["k"] and list(futures) == ["k"] and len(futures) == 1
+            assert future in futures and futures.items()[0][0] == "k"
+            for read in ("done", "running", "cancelled", "_state", "result", "exception"):
+                assert getattr(futures, read)("missing") is None
+            assert futures.get("missing") is None and futures.pop("missing") is None
+            with pytest.raises(KeyError):
+                futures["missing"]
+            popped = futures.pop("k")
+            assert isinstance(popped, cf.Future) and popped.done() and popped.result() == 25
+            assert futures.pop("k") is None and len(futures) == 0 and futures.keys() == []
+            for n in range(30):  # once the submitter's future has its result, so does the store
+                executor.submit_stored(n, square, n).result(TIMEOUT)
+                assert futures.done(n) is True and futures.pop(n).result() == n * n
+
+    def test_add_keeps_any_future_in_the_store(self, make_executor, store_url):
+        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url)
+        with app.app_context():
+            future: cf.Future = cf.Future()
+            executor.futures.add("mine", future)
+            assert executor.futures.done("mine") is False and future in executor.futures
+            future.set_result([1, 2])
+            assert executor.futures.result("mine", timeout=TIMEOUT) == [1, 2]
+
+    def test_a_key_in_use_is_refused_and_nothing_queued(self, make_executor, store_url, tmp_path):
+        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url)
+        log = str(tmp_path / "ran")
+        with app.app_context():
+            executor.submit_stored("dup", append_line, log, 1).result(TIMEOUT)
+            with pytest.raises(ValueError, match="'dup' already exists"):
+                executor.submit_stored("dup", append_line, log, 2)
+            executor.shutdown(wait=True)
+        assert Path(log).read_text() == "1\n"
+
+    def test_pending_running_cancel_and_timeout(self, make_executor, store_url):
+        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url, EXECUTOR_MAX_WORKERS=1)
+        EVENTS["release"] = release = threading.Event()
+        STARTED.clear()
+        with app.app_context():
+            running = executor.submit_stored("a", wait_event, "release")
+            queued = executor.submit_stored("b", square, 3)
+            assert STARTED.wait(TIMEOUT)
+            futures = executor.futures
+            assert futures.running("a") is True and futures._state("a") == "RUNNING"
+            assert futures.done("b") is False and futures._state("b") == "PENDING"
+            with pytest.raises(cf.TimeoutError, match=r"'a' did not finish within 0\.05 s"):
+                futures.result("a", timeout=0.05)
+            assert futures.cancel("b") is True and futures.cancel("b") is True
+            assert futures.cancelled("b") is True and futures.done("b") is True
+            assert futures.cancel("a") is False  # running: the standard library's answer
+            release.set()
+            assert futures.result("a", timeout=TIMEOUT) == "release"
+            with pytest.raises(cf.CancelledError):
+                queued.result(TIMEOUT)  # the local future: its task never ran
+            with pytest.raises(cf.CancelledError):
+                futures.result("b")
+            assert futures.cancel("a") is False and futures.pop("b").cancelled()
+            assert running.result() == "release"
+
+    @pytest.mark.parametrize("backend", BACKENDS)
+    def test_exception_comes_back_with_its_traceback_text(self, make_executor, store_url, backend):
+        app, executor = make_executor(EXECUTOR_TYPE=backend, EXECUTOR_FUTURES_STORE=store_url)
+        with app.app_context():
+            executor.submit_stored("e", fail, "boom")
+            exc = executor.futures.exception("e", timeout=TIMEOUT)
+            assert isinstance(exc, ValueError) and str(exc) == "boom"
+            assert "raise ValueError(message)" in str(exc.__cause__)
+            with pytest.raises(ValueError, match="boom"):
+                executor.futures.pop("e").result()
+
+    def test_what_cannot_be_pickled_reads_as_failed_naming_task_and_type(
+        self, make_executor, store_url
+    ):
+        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url)
+        with app.app_context():
+            local = executor.submit_stored("lock", return_lock)
+            executor.submit_stored("two", raise_needs_two_args)
+            with pytest.raises(TypeError, match=r"return_lock finished, but its lock result"):
+                executor.futures.result("lock", timeout=TIMEOUT)
+            with pytest.raises(TypeError, match=r"raise_needs_two_args .* its NeedsTwoArgs"):
+                executor.futures.result("two", timeout=TIMEOUT)
+            assert local.result() is not None  # the submitter's own future is not pickled
+
+    def test_int_keys_and_keys_a_store_cannot_keep(self, make_executor, store_url):
+        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url)
+        with app.app_context():
+            executor.submit_stored(7, square, 2).result(TIMEOUT)
+            executor.submit_stored("7", square, 3).result(TIMEOUT)
+            assert executor.futures.keys() == [7, "7"]
+            assert executor.futures.result(7) == 4 and executor.futures.result("7") == 9
+            with pytest.raises(TypeError, match=r"str or int keys, got \(1, 2\) .* str\(key\)"):
+                executor.submit_stored((1, 2), square, 1)
+            assert executor.futures.done((1, 2)) is None
+
+    def test_max_length_and_ttl_bound_the_store(self, make_executor, store_url, caplog):
+        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url, EXECUTOR_MAX_WORKERS=1,
+                                      EXECUTOR_FUTURES_MAX_LENGTH=3)  # fmt: skip
+        EVENTS["bound"] = release = threading.Event()
+        with app.app_context():
+            for n in range(5):
+                executor.submit_stored(n, square, n).result(TIMEOUT)
+            assert executor.futures.keys() == [2, 3, 4] and len(executor.futures) == 3
+            blockers = [executor.submit_stored(f"b{n}", wait_event, "bound") for n in range(4)]
+            assert executor.futures.keys() == ["b1", "b2", "b3"]
+            assert "dropped the stored future 'b0' while its task is still running" in caplog.text
+            release.set()
+            assert [b.result(TIMEOUT) for b in blockers] == ["bound"] * 4  # dropped, not lost
+            store = executor.futures.store
+            assert store.claim("s:new", "me", "t", None, 0.0)[1] == []  # ttl 0: finished go
+            assert executor.futures.keys() == ["new"]
+
+    def test_ttl_is_read_from_config(self, make_executor, store_url):
+        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url, EXECUTOR_FUTURES_TTL="60")
+        with app.app_context():
+            assert executor.futures.ttl == 60
+        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url)
+        assert app.config["EXECUTOR_FUTURES_TTL"] is None  # the default, set by init_app
+
+    @pytest.mark.parametrize("backend", BACKENDS)
+    def test_stored_state_read_from_another_process(self, store_url, backend, tmp_path):
+        """A task owned by one process, read by another: pending, running, then finished."""
+        script = f"""
+            import sys
+            from flask_executor import Executor
+            from test_flask_executor import make_app, wait_for
+            app = make_app(EXECUTOR_FUTURES_STORE={store_url!r}, EXECUTOR_TYPE={backend!r})
+            executor = Executor(app)
+            with app.app_context():
+                future = executor.submit_stored("x", wait_for, {str(tmp_path / "go")!r})
+                print(future.result(60), flush=True)
+        """
+        owner = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], cwd=HERE,
+                                 env={**os.environ, "PYTHONPATH": str(HERE)},
+                                 stdout=subprocess.PIPE, text=True)  # fmt: skip
+        try:
+            app = make_app(EXECUTOR_FUTURES_STORE=store_url)
+            executor = Executor(app)
+            with app.app_context():
+                wait_until(lambda: executor.futures.running("x"))
+                assert executor.futures.done("x") is False
+                with pytest.raises(ValueError, match="already exists"):
+                    executor.submit_stored("x", square, 1)
+                Path(tmp_path / "go").touch()
+                assert executor.futures.result("x", timeout=TIMEOUT) == str(tmp_path / "go")
+                assert owner.wait(TIMEOUT) == 0
+        finally:
+            owner.kill()
+            owner.wait()
+
+    def test_a_killed_owner_reads_as_lost_within_seconds(self, store_url, tmp_path):
+        script = f"""
+            import os, sys
+            from flask_executor import Executor
+            from test_flask_executor import make_app, wait_for
+            app = make_app(EXECUTOR_FUTURES_STORE={store_url!r})
+            executor = Executor(app)
+            with app.app_context():
+                executor.submit_stored("orphan", wait_for, {str(tmp_path / "never")!r}, 600)
+                executor.submit_stored("queued", wait_for, {str(tmp_path / "never")!r}, 600)
+                os.write(1, b"%d\\n" % os.getpid())
+                wait_for({str(tmp_path / "never")!r}, 600)
+        """
+        owner = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], cwd=HERE,
+                                 env={**os.environ, "PYTHONPATH": str(HERE)},
+                                 stdout=subprocess.PIPE, text=True)  # fmt: skip
+        try:
+            pid = int(owner.stdout.readline())
+            app = make_app(EXECUTOR_FUTURES_STORE=store_url)
+            executor = Executor(app)
+            with app.app_context():
+                assert executor.futures.running("orphan") is True
+                os.kill(pid, signal.SIGKILL)
+                owner.wait(TIMEOUT)
+                killed_at = time.monotonic()
+                wait_until(lambda: executor.futures.done("orphan"), timeout=5)
+                assert time.monotonic() - killed_at < 5
+                for key in ("orphan", "queued"):
+                    exc = executor.futures.exception(key)
+                    assert isinstance(exc, cf.BrokenExecutor)
+                    assert f"{key!r} is lost" in str(exc) and f"/{pid}:" in str(exc)
+                    assert "wait_for" in str(exc)
+        finally:
+            owner.kill()
+            owner.wait()
+
+    def test_pop_succeeds_in_exactly_one_process(self, store_url):
+        app, executor = make_app(EXECUTOR_FUTURES_STORE=store_url), None
+        executor = Executor(app)
+        with app.app_context():
+            for n in range(40):
+                executor.submit_stored(f"p{n}", square, n)
+            for n in range(40):
+                executor.futures.result(f"p{n}", timeout=TIMEOUT)
+        with multiprocessing.get_context("spawn").Pool(4) as pool:
+            popped = pool.starmap(pop_all, [(store_url, 40)] * 4, chunksize=1)
+        executor.shutdown()
+        winners = sorted(key for part in popped for key, _ in part)
+        assert winners == sorted(f"p{n}" for n in range(40))  # each key once, in total
+        assert all(result == int(key[1:]) ** 2 for part in popped for key, result in part)
+
+    def test_processes_booting_on_a_fresh_file_at_once(self, tmp_path):
+        ctx = multiprocessing.get_context("spawn")
+        for round_ in range(3):
+            url = f"sqlite:///{tmp_path}/boot{round_}.db"
+            barrier, results = ctx.Barrier(6), ctx.Queue()
+            booting = [ctx.Process(target=boot_and_store, args=(url, barrier, results, n))
+                       for n in range(6)]  # fmt: skip
+            for process in booting:
+                process.start()
+            got = sorted(results.get(timeout=TIMEOUT) for _ in booting)
+            for process in booting:
+                process.join(TIMEOUT)
+            assert got == [n * n for n in range(6)]
+
+    def test_redis_owner_on_another_machine_is_lost_once_its_lease_runs_out(self, redis_server):
+        import redis
+
+        redis.Redis.from_url(redis_server).flushall()
+        store = flask_executor.RedisStore(redis_server, "lease-test", lease=0.5)
+        app = make_app(EXECUTOR_FUTURES_STORE=store)
+        executor = Executor(app)
+        elsewhere = "another-host/another-boot/4242:1"
+        with app.app_context():
+            assert store.claim("s:remote", elsewhere, "their.task", None, None) is not None
+            for _ in range(3):  # its lease is renewed: still alive after several lease times
+                time.sleep(0.5)
+                assert executor.futures.done("remote") is False
+            store._leased = -1  # the renewing thread stops: the owner is gone
+            wait_until(lambda: executor.futures.done("remote"), timeout=5)
+            with pytest.raises(cf.BrokenExecutor, match=r"another-host.* their\.task is gone"):
+                executor.futures.result("remote")
+
+
+def pop_all(url: str, count: int) -> list[tuple[str, int]]:
+    """In another process: pop every key it can; return the ones it won."""
+    app = make_app(EXECUTOR_FUTURES_STORE=url)
+    executor = Executor(app)
+    with app.app_context():
+        won = []
+        for n in range(count):
+            future = executor.futures.pop(f"p{n}")
+            if future is not None:
+                won.append((f"p{n}", future.result(TIMEOUT)))
+    return won
+
+
+def boot_and_store(url: str, barrier: object, results: object, n: int) -> None:
+    barrier.wait(TIMEOUT)  # every process opens the new file at the same moment
+    try:
+        app = make_app(EXECUTOR_FUTURES_STORE=url)
+        executor = Executor(app)
+        with app.app_context():
+            executor.submit_stored(n, square, n)
+            results.put(executor.futures.result(n, timeout=TIMEOUT))
+        executor.shutdown()
+    except BaseException as exc:
+        results.put(repr(exc))
+
+
+class TestStoreErrors:
+    @pytest.mark.parametrize(
+        "url", ["sqlite://", "sqlite:///:memory:", "mysql://localhost/db", "futures.db"]
+    )
+    def test_a_malformed_store_url(self, url):
+        with pytest.raises(ValueError, match=r"EXECUTOR_FUTURES_STORE=.* is not a futures store"):
+            Executor(make_app(EXECUTOR_FUTURES_STORE=url))
+
+    def test_a_missing_folder(self, tmp_path):
+        url = f"sqlite:///{tmp_path}/missing/futures.db"
+        with pytest.raises(ValueError, match=r"folder of the SQLite futures store .* not exist"):
+            Executor(make_app(EXECUTOR_FUTURES_STORE=url))
+
+    def test_a_relative_path_lives_under_the_instance_path(self, tmp_path):
+        app = Flask("relative", instance_path=str(tmp_path / "instance"))
+        app.config["EXECUTOR_FUTURES_STORE"] = "sqlite:///futures.db"
+        executor = Executor(app)
+        assert (tmp_path / "instance" / "futures.db").exists()
+        executor.shutdown()
+
+    def test_a_network_filesystem_is_refused(self, tmp_path, monkeypatch):
+        table = tmp_path / "mounts"
+        table.write_text(f"/dev/sda1 / ext4 rw 0 0\nserver:/export {tmp_path} nfs4 rw 0 0\n")
+        assert flask_executor._filesystem(str(tmp_path / "sub"), str(table)) == "nfs4"
+        assert flask_executor._filesystem("/usr", str(table)) == "ext4"
+        real = flask_executor._filesystem
+        monkeypatch.setattr(flask_executor, "_filesystem", lambda f: real(f, str(table)))
+        with pytest.raises(ValueError, match=r"is on a nfs4 filesystem.* use redis://"):
+            Executor(make_app(EXECUTOR_FUTURES_STORE=f"sqlite:///{tmp_path}/f.db"))
+
+    def test_the_redis_package_missing(self, monkeypatch):
+        monkeypatch.setitem(sys.modules, "redis", None)
+        with pytest.raises(ImportError, match="needs the redis package: pip install redis"):
+            Executor(make_app(EXECUTOR_FUTURES_STORE="redis://127.0.0.1:1/0"))
+
+    def test_redis_unreachable(self):
+        pytest.importorskip("redis")
+        url = f"redis://127.0.0.1:{free_port()}/0"
+        with pytest.raises(ConnectionError, match=f"cannot reach the Redis futures store '{url}'"):
+            Executor(make_app(EXECUTOR_FUTURES_STORE=url))
+
+
 # -- 5. The extension ---------------------------------------------------------------
 
 
@@ -1585,6 +1964,123 @@ def test_gunicorn_preload_every_result_is_its_own_request(worker, executor_type,
     assert len({reply["worker"] for reply in replies}) >= 2  # served by several workers
     if executor_type == "process":  # tasks ran in each worker's own pool, never the master's
         assert all(reply["task_pid"] != reply["worker"] for reply in replies)
+
+
+# -- several worker processes: stored futures shared through SQLite and Redis ---------------
+
+
+def echo_key(key: str, wait: float) -> dict[str, object]:
+    time.sleep(wait)  # cooperative under gevent's monkey-patching
+    return {"key": key, "pid": os.getpid()}
+
+
+def stored_app() -> Flask:
+    """The app the shared-store tests serve; EXECUTOR_* (the store too) from the environment."""
+    app = Flask("stored")
+    executor = Executor(app)
+
+    @app.route("/submit")
+    def submit() -> dict[str, object]:
+        key, args = request.args["key"], request.args
+        task = (wait_for, args["block"], 600) if "block" in args else (echo_key, key, 0.05)
+        try:
+            executor.submit_stored(key, *task)
+        except ValueError:
+            return {"refused": True, "pid": os.getpid()}
+        return {"refused": False, "pid": os.getpid()}
+
+    @app.route("/poll")
+    def poll() -> dict[str, object]:
+        return {"done": executor.futures.done(request.args["key"]), "pid": os.getpid()}
+
+    @app.route("/pop")
+    def pop() -> dict[str, object]:
+        future = executor.futures.pop(request.args["key"])
+        if future is None:
+            return {"popped": False, "pid": os.getpid()}
+        try:
+            return {"popped": True, "result": future.result(TIMEOUT), "pid": os.getpid()}
+        except Exception as exc:
+            return {"popped": True, "error": f"{type(exc).__name__}: {exc}", "pid": os.getpid()}
+
+    return app
+
+
+@pytest.mark.parametrize(
+    ("worker", "executor_type", "store", "preload"),
+    [
+        ("gthread", "thread", "sqlite", False),
+        ("gevent", "gevent", "sqlite", False),
+        ("gthread", "thread", "sqlite", True),
+        ("sync", "process", "sqlite", True),
+        ("gthread", "thread", "redis", False),
+        ("gevent", "gevent", "redis", True),
+    ],
+)
+def test_gunicorn_workers_share_stored_futures(worker, executor_type, store, preload, tmp_path,
+                                               request):  # fmt: skip
+    pytest.importorskip("gunicorn")
+    if worker == "gevent":
+        pytest.importorskip("gevent")
+    if store == "redis":
+        url = request.getfixturevalue("redis_server")
+        import redis
+
+        redis.Redis.from_url(url).flushall()
+    else:
+        url = f"sqlite:///{tmp_path}/futures.db"
+    port = free_port()
+    argv = [sys.executable, "-m", "gunicorn", "-k", worker, "-w", "4", "--threads", "4",
+            "-b", f"127.0.0.1:{port}", *(["--preload"] if preload else []),
+            "test_flask_executor:stored_app()"]  # fmt: skip
+    env = {"EXECUTOR_TYPE": executor_type, "EXECUTOR_FUTURES_STORE": url,
+           "EXECUTOR_FUTURES_MAX_LENGTH": "1000", "EXECUTOR_MAX_WORKERS": "4"}  # fmt: skip
+    server = Server(argv, port, **env)
+    get = functools.partial(lambda base, path: http_get(base + path), server.base)
+    try:
+        keys = [f"k{n}" for n in range(40)]
+        with cf.ThreadPoolExecutor(8) as clients:
+            owners = dict(zip(keys, clients.map(lambda k: get(f"/submit?key={k}"), keys)))
+            assert not any(reply["refused"] for reply in owners.values())
+            polls: list[tuple[str, dict]] = []
+            pending, deadline = set(keys), time.monotonic() + 60
+            while pending and time.monotonic() < deadline:
+                waiting = sorted(pending)
+                for key, reply in zip(
+                    waiting, clients.map(lambda k: get(f"/poll?key={k}"), waiting)
+                ):
+                    polls.append((key, reply))
+                    if reply["done"]:
+                        pending.discard(key)
+            assert not pending
+            assert all(reply["done"] is not None for _, reply in polls)  # no poll missed its key
+            assert len({reply["pid"] for _, reply in polls}) >= 2
+            assert any(reply["pid"] != owners[key]["pid"] for key, reply in polls)
+
+            pops = list(clients.map(lambda k: (k, get(f"/pop?key={k}")), keys * 2))
+            for key in keys:  # popped twice at once: exactly one pop wins, with the result
+                won = [reply for k, reply in pops if k == key and reply["popped"]]
+                assert len(won) == 1 and won[0]["result"]["key"] == key
+                task_pid = won[0]["result"]["pid"]
+                if executor_type == "process":
+                    assert task_pid != owners[key]["pid"]
+                else:
+                    assert task_pid == owners[key]["pid"]  # ran in the worker that took it
+
+            first = get("/submit?key=dup")
+            dups = list(clients.map(lambda _: get("/submit?key=dup"), range(12)))
+            assert not first["refused"] and all(reply["refused"] for reply in dups)
+            assert any(reply["pid"] != first["pid"] for reply in dups)  # refused elsewhere too
+
+        owner = get(f"/submit?key=blocked&block={tmp_path}/never")["pid"]
+        assert get("/poll?key=blocked")["done"] is False
+        os.kill(owner, signal.SIGKILL)
+        wait_until(lambda: get("/poll?key=blocked")["done"], timeout=10)
+        lost = get("/pop?key=blocked")
+        assert lost["popped"] and lost["error"].startswith("BrokenExecutor:")
+        assert f"/{owner}:" in lost["error"] and "is gone" in lost["error"]
+    finally:
+        server.stop()
 
 
 # -- reliability: faults healed, nothing lost, no leaks, bounded memory ------------------
