@@ -9,6 +9,7 @@ import contextvars
 import functools
 import gc
 import io
+import itertools
 import json
 import logging
 import multiprocessing
@@ -23,6 +24,7 @@ import tempfile
 import textwrap
 import threading
 import time
+import urllib.error
 import urllib.request
 import weakref
 from pathlib import Path
@@ -749,6 +751,7 @@ class TestSharedStores:
             assert futures["k"].result() == 25 and futures.get("k").done()
             assert futures.keys() == ["k"] and list(futures) == ["k"] and len(futures) == 1
             assert future in futures and futures.items()[0][0] == "k"
+            assert futures.get("k") in futures and cf.Future() not in futures
             for read in ("done", "running", "cancelled", "_state", "result", "exception"):
                 assert getattr(futures, read)("missing") is None
             assert futures.get("missing") is None and futures.pop("missing") is None
@@ -769,6 +772,21 @@ class TestSharedStores:
             assert executor.futures.done("mine") is False and future in executor.futures
             future.set_result([1, 2])
             assert executor.futures.result("mine", timeout=TIMEOUT) == [1, 2]
+
+    def test_pop_of_a_running_task_resolves_when_it_finishes(self, make_executor, store_url):
+        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url)
+        EVENTS["popped"] = release = threading.Event()
+        STARTED.clear()
+        with app.app_context():
+            executor.submit_stored("r", wait_event, "popped")
+            assert STARTED.wait(TIMEOUT)
+            popped = executor.futures.pop("r")
+            assert popped.running() and executor.futures.get("r") is None
+            executor.submit_stored("r", square, 4)  # the key is free again at once
+            release.set()
+            assert popped.result(TIMEOUT) == "popped"
+            assert executor.futures.result("r", timeout=TIMEOUT) == 16
+            assert executor.futures.store.keys() == ["s:r"]  # the popped row is gone too
 
     def test_a_key_in_use_is_refused_and_nothing_queued(self, make_executor, store_url, tmp_path):
         app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url)
@@ -796,8 +814,12 @@ class TestSharedStores:
             assert futures.cancel("b") is True and futures.cancel("b") is True
             assert futures.cancelled("b") is True and futures.done("b") is True
             assert futures.cancel("a") is False  # running: the standard library's answer
+            view = futures.get("a")
+            seen: list[object] = []
+            view.add_done_callback(lambda f: seen.append(f.result()))
             release.set()
             assert futures.result("a", timeout=TIMEOUT) == "release"
+            assert view.done() and seen == ["release"]  # run by the read that saw it finish
             with pytest.raises(cf.CancelledError):
                 queued.result(TIMEOUT)  # the local future: its task never ran
             with pytest.raises(cf.CancelledError):
@@ -871,11 +893,13 @@ class TestSharedStores:
             import sys
             from flask_executor import Executor
             from test_flask_executor import make_app, wait_for
-            app = make_app(EXECUTOR_FUTURES_STORE={store_url!r}, EXECUTOR_TYPE={backend!r})
+            app = make_app(EXECUTOR_FUTURES_STORE={store_url!r}, EXECUTOR_TYPE={backend!r},
+                           EXECUTOR_MAX_WORKERS=1)
             executor = Executor(app)
             with app.app_context():
                 future = executor.submit_stored("x", wait_for, {str(tmp_path / "go")!r})
-                print(future.result(60), flush=True)
+                queued = executor.submit_stored("y", wait_for, {str(tmp_path / "go")!r})
+                print(future.result(60), type(queued.exception(60)).__name__, flush=True)
         """
         owner = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], cwd=HERE,
                                  env={**os.environ, "PYTHONPATH": str(HERE)},
@@ -888,9 +912,12 @@ class TestSharedStores:
                 assert executor.futures.done("x") is False
                 with pytest.raises(ValueError, match="already exists"):
                     executor.submit_stored("x", square, 1)
+                assert executor.futures.cancel("y") is True  # queued in the other process
                 Path(tmp_path / "go").touch()
                 assert executor.futures.result("x", timeout=TIMEOUT) == str(tmp_path / "go")
+                assert executor.futures.cancelled("y") is True
                 assert owner.wait(TIMEOUT) == 0
+                assert owner.stdout.read().split() == [str(tmp_path / "go"), "CancelledError"]
         finally:
             owner.kill()
             owner.wait()
@@ -979,6 +1006,77 @@ class TestSharedStores:
                 executor.futures.result("remote")
 
 
+class DictStore(flask_executor.FuturesStore):
+    """A user's own store: the protocol's eight methods over a dict, in one process."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, list] = {}  # key: [id, state, owner, task, outcome]
+        self.ids = itertools.count(1)
+        self.lock = threading.Lock()
+
+    def _by_id(self, row_id: int) -> list | None:
+        return next((row for row in self.rows.values() if row[0] == row_id), None)
+
+    def claim(self, key, owner, task, max_length, ttl):
+        with self.lock:
+            if key in self.rows:
+                return None
+            self.rows[key] = [next(self.ids), "pending", owner, task, None]
+            return self.rows[key][0], []
+
+    def start(self, row_id):
+        with self.lock:
+            row = self._by_id(row_id)
+            if row is not None and row[1] == "pending":
+                row[1] = "running"
+            return row is None or row[1] != "cancelled"
+
+    def finish(self, row_id, outcome):
+        with self.lock:
+            row = self._by_id(row_id)
+            if row is not None and row[1] in ("pending", "running"):
+                row[1], row[4] = ("cancelled", None) if outcome is None else ("finished", outcome)
+
+    def read(self, key):
+        row = self.rows.get(key)
+        return None if row is None else tuple(row)
+
+    def cancel(self, key):
+        with self.lock:
+            row = self.rows.get(key)
+            if row is not None and row[1] == "pending":
+                row[1] = "cancelled"
+            return row is not None and row[1] == "cancelled"
+
+    def pop(self, key):
+        with self.lock:
+            row = self.rows.pop(key, None)
+            if row is not None and row[1] in ("pending", "running"):
+                self.rows[f"d:{row[0]}"] = row
+            return None if row is None else tuple(row)
+
+    def keys(self):
+        return [key for key in self.rows if not key.startswith("d:")]
+
+    def alive(self, owner):
+        return True
+
+
+def test_a_store_of_your_own(make_executor):
+    store = DictStore()
+    app, executor = make_executor(EXECUTOR_FUTURES_STORE=store)
+    with app.app_context():
+        assert executor.submit_stored("mine", square, 6).result(TIMEOUT) == 36
+        assert executor.futures.done("mine") and executor.futures.result("mine") == 36
+        with pytest.raises(ValueError, match="already exists"):
+            executor.submit_stored("mine", square, 1)
+        executor.submit_stored("bad", fail, "no")
+        with pytest.raises(ValueError, match="no"):
+            executor.futures.result("bad", timeout=TIMEOUT)
+        assert executor.futures.keys() == ["mine", "bad"] and store.rows["s:mine"][1] == "finished"
+        assert executor.futures.pop("mine").result() == 36 and executor.futures.pop("mine") is None
+
+
 def pop_all(url: str, count: int) -> list[tuple[str, int]]:
     """In another process: pop every key it can; return the ones it won."""
     app = make_app(EXECUTOR_FUTURES_STORE=url)
@@ -1025,14 +1123,15 @@ class TestStoreErrors:
         assert (tmp_path / "instance" / "futures.db").exists()
         executor.shutdown()
 
-    def test_a_network_filesystem_is_refused(self, tmp_path, monkeypatch):
+    @pytest.mark.parametrize("kind", ["nfs4", "cifs", "fuse.sshfs"])
+    def test_a_network_filesystem_is_refused(self, tmp_path, monkeypatch, kind):
         table = tmp_path / "mounts"
-        table.write_text(f"/dev/sda1 / ext4 rw 0 0\nserver:/export {tmp_path} nfs4 rw 0 0\n")
-        assert flask_executor._filesystem(str(tmp_path / "sub"), str(table)) == "nfs4"
+        table.write_text(f"/dev/sda1 / ext4 rw 0 0\nserver:/export {tmp_path} {kind} rw 0 0\n")
+        assert flask_executor._filesystem(str(tmp_path / "sub"), str(table)) == kind
         assert flask_executor._filesystem("/usr", str(table)) == "ext4"
         real = flask_executor._filesystem
         monkeypatch.setattr(flask_executor, "_filesystem", lambda f: real(f, str(table)))
-        with pytest.raises(ValueError, match=r"is on a nfs4 filesystem.* use redis://"):
+        with pytest.raises(ValueError, match=rf"is on a {kind} filesystem.* use redis://"):
             Executor(make_app(EXECUTOR_FUTURES_STORE=f"sqlite:///{tmp_path}/f.db"))
 
     def test_the_redis_package_missing(self, monkeypatch):
@@ -2704,6 +2803,52 @@ def test_readme_quickstart(executors):
         "result": {"month": "11", "total": 42},
     }
     assert client.get("/report/status").status_code == 404  # popped once read
+
+
+def http_call(url: str, method: str = "GET") -> tuple[int, dict]:
+    """(status, JSON body) over a new connection, for any status."""
+    try:
+        with urllib.request.urlopen(
+            urllib.request.Request(url, method=method), timeout=TIMEOUT
+        ) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_readme_workers_recipe_under_gunicorn(tmp_path):
+    """The README's status view, served as written by gunicorn -w 4: no poll misses its job."""
+    pytest.importorskip("gunicorn")
+    text = (HERE / "README.md").read_text()
+    (code,) = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]
+               if b.startswith("# recipe: workers")]  # fmt: skip
+    (tmp_path / "readme_workers.py").write_text(code)
+    port = free_port()
+    argv = [sys.executable, "-m", "gunicorn", "-k", "gthread", "-w", "4", "--threads", "4",
+            "--chdir", str(tmp_path), "-b", f"127.0.0.1:{port}", "readme_workers:app"]  # fmt: skip
+    server = Server(argv, port)
+    try:
+        with cf.ThreadPoolExecutor(8) as clients:
+            starts = list(clients.map(
+                lambda n: http_call(f"{server.base}/reports?month={n}", "POST"), range(20)
+            ))  # fmt: skip
+            assert all(status == 202 for status, _ in starts)
+            jobs = {n: body["status"] for n, (_, body) in enumerate(starts)}
+            results: dict[int, dict] = {}
+            deadline = time.monotonic() + 60
+            while len(results) < len(jobs) and time.monotonic() < deadline:
+                waiting = [n for n in jobs if n not in results]
+                replies = clients.map(lambda n: http_call(server.base + jobs[n]), waiting)
+                for n, (status, body) in zip(waiting, replies):
+                    assert status in (200, 202), body  # never "unknown": every worker knows it
+                    if status == 200:
+                        results[n] = body
+        assert results == {n: {"state": "done", "result": {"month": str(n), "total": 42}}
+                           for n in jobs}  # fmt: skip
+        assert http_call(server.base + jobs[0])[0] == 404  # popped once read
+        assert (tmp_path / "instance" / "executor-futures.db").exists()
+    finally:
+        server.stop()
 
 
 def pid_after(release: str, pid_dir: str) -> int:

@@ -216,6 +216,121 @@ def stored_memory(calls: int) -> float:
     return (peak - base) / 2**20
 
 
+# -- shared stores: memory, SQLite, Redis ------------------------------------------------
+
+
+def store_costs(store: str, n: int) -> dict[str, float]:
+    """Median µs per submit_stored, per poll (futures.done) and per pop, from inside a
+    request, thread backend with its workers held busy (the caller's own cost)."""
+    app = Flask("stores")
+    app.config.update(EXECUTOR_FUTURES_STORE=store, EXECUTOR_FUTURES_MAX_LENGTH=None)
+    app.config["EXECUTOR_MAX_WORKERS"] = WORKERS
+    executor = flask_executor.Executor(app)
+    side = Side(executor.submit, wait_futures, busy=WORKERS)
+    costs: dict[str, list[float]] = {"submit_stored": [], "poll": [], "pop": []}
+    with app.test_request_context("/"):
+        held = side.hold()
+        keys = [f"k{n}" for n in range(n)]
+        costs["submit_stored"] = per_call(lambda k: executor.submit_stored(k, noop), keys)
+        side.release(held)
+        wait_futures([executor.futures.pop(k) for k in keys[:1]])
+        for k in keys[1:]:
+            executor.futures.result(k, timeout=120)
+        costs["poll"] = per_call(executor.futures.done, keys[1:])
+        costs["pop"] = per_call(executor.futures.pop, keys[1:])
+    executor.shutdown()
+    return {name: statistics.median(values) for name, values in costs.items()}
+
+
+def per_call(call: Callable[[str], object], keys: list[str], batch: int = 20) -> list[float]:
+    """µs per call, one figure per batch of `batch` calls."""
+    figures = []
+    for start in range(0, len(keys) - batch + 1, batch):
+        t0 = time.perf_counter()
+        for key in keys[start : start + batch]:
+            call(key)
+        figures.append((time.perf_counter() - t0) / batch * 1e6)
+    return figures
+
+
+def polls_per_second(store: str, processes: int, seconds: float) -> float:
+    """Polls of a finished key per second, summed over `processes` processes at once."""
+    app = Flask("stores")
+    app.config["EXECUTOR_FUTURES_STORE"] = store
+    executor = flask_executor.Executor(app)
+    with app.app_context():
+        executor.submit_stored("polled", noop).result(60)
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(processes) as pool:
+        counts = pool.starmap(poll_for, [(store, seconds)] * processes, chunksize=1)
+    executor.shutdown()
+    return sum(counts) / seconds
+
+
+def poll_for(store: str, seconds: float) -> int:
+    app = Flask("stores")
+    app.config["EXECUTOR_FUTURES_STORE"] = store
+    executor = flask_executor.Executor(app)
+    polls, deadline = 0, time.monotonic() + seconds
+    with app.app_context():
+        if store == "memory":  # each process has its own dict: poll a key of its own
+            executor.submit_stored("polled", noop).result(60)
+        while time.monotonic() < deadline:
+            for _ in range(100):
+                if executor.futures.done("polled") is None:
+                    raise RuntimeError("a poll missed its key")
+            polls += 100
+    return polls
+
+
+def redis_server() -> tuple[str, Any] | None:
+    """A redis-server on 127.0.0.1 for the run, if one is installed (and redis-py)."""
+    try:
+        import redis  # noqa: F401
+    except ImportError:
+        return None
+    import shutil
+    import socket
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        return None
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    server = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return f"redis://127.0.0.1:{port}/0", server
+        except OSError:
+            time.sleep(0.05)
+    server.kill()
+    return None
+
+
+def stores(smoke: bool) -> None:
+    folder = tempfile.mkdtemp()
+    urls = {"memory": "memory", "SQLite": f"sqlite:///{folder}/futures.db"}
+    redis = redis_server()
+    if redis is not None:
+        urls["Redis"] = redis[0]
+    n, seconds = (100, 0.2) if smoke else (4000, 2.0)
+    print("\n| store | submit_stored µs | poll µs | pop µs | polls/s, 4 processes |")
+    print("| --- | --- | --- | --- | --- |")
+    try:
+        for name, url in urls.items():
+            c = store_costs(url, n)
+            rate = polls_per_second(url, 4, seconds)
+            print(f"| {name} | {c['submit_stored']:.1f} | {c['poll']:.1f} | {c['pop']:.1f} | "
+                  f"{rate:,.0f} |", flush=True)  # fmt: skip
+    finally:
+        if redis is not None:
+            redis[1].kill()
+            redis[1].wait()
+
+
 def gevent_waits(tasks: int, seconds: float) -> dict[str, float]:
     """Wall time for `tasks` concurrent waits of `seconds` each, ours and raw."""
     import gevent
@@ -327,6 +442,8 @@ def main() -> int:
     calls = 1000 if args.smoke else 100_000
     print(f"\nPeak traced memory over {calls:,} submit_stored calls (default bound 50): "
           f"{stored_memory(calls):.2f} MiB")  # fmt: skip
+    if not args.only:
+        stores(args.smoke)
     if "gevent" in sizes:
         tasks = 100 if args.smoke else 10_000
         w = gevent_waits(tasks, 0.1)
