@@ -780,15 +780,18 @@ def _alive_here(owner: str) -> bool | None:
     return True
 
 
-def _boot_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as boot:
-            return boot.read().strip()
-    except OSError:
-        return ""
+def _machine() -> str:
+    """This machine since it last booted, and its pid namespace (containers on one host may
+    share its name, under --network host, but not each other's pids)."""
+    boot = namespace = ""
+    with contextlib.suppress(OSError), open("/proc/sys/kernel/random/boot_id") as file:
+        boot = file.read().strip()
+    with contextlib.suppress(OSError):
+        namespace = os.readlink("/proc/self/ns/pid")
+    return f"{socket.gethostname()}/{boot}/{namespace}"
 
 
-_HOST = f"{socket.gethostname()}/{_boot_id()}"  # this machine, since it last booted
+_HOST = _machine()
 
 
 def _outcome(fn: Task, exc: BaseException | None, result: Any = None) -> bytes:
