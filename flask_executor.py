@@ -19,6 +19,7 @@ Config keys, read from ``app.config``, else the environment (``Executor(name='ma
   ``'sqlite:///path.db'`` (every process on the machine; relative to ``app.instance_path``),
   ``'redis://host:port/db'`` (several machines), or a :class:`FuturesStore` object.
 - ``EXECUTOR_FUTURES_TTL``: seconds a shared store keeps a finished future (None: no limit).
+- ``EXECUTOR_TIMEOUT``: seconds a task may run before it is stopped (None: no limit).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import concurrent.futures
 import contextlib
 import contextvars
 import functools
+import heapq
 import inspect
 import itertools
 import logging
@@ -37,6 +39,7 @@ import os
 import pickle
 import random
 import re
+import signal
 import socket
 import sqlite3
 import sys
@@ -66,6 +69,7 @@ __all__ = [
     "ProcessBackend",
     "RedisStore",
     "SQLiteStore",
+    "TaskTimeout",
     "ThreadBackend",
     "register_backend",
 ]
@@ -87,6 +91,7 @@ _KEYS = [
     "EXECUTOR_START_METHOD",
     "EXECUTOR_FUTURES_STORE",
     "EXECUTOR_FUTURES_TTL",
+    "EXECUTOR_TIMEOUT",
 ]
 _TRUE = {"1", "true", "t", "yes", "y", "on"}
 _FALSE = {"0", "false", "f", "no", "n", "off"}
@@ -123,6 +128,21 @@ class Config:
         if number < 1:
             raise ValueError(
                 f"{self.prefix}{key} must be a whole number >= 1 or None, got {value!r}"
+            )
+        return number
+
+    def seconds(self, key: str) -> float | None:
+        """A number of seconds > 0, or None; strings such as ``'2.5'`` are accepted."""
+        value = self.get(key)
+        if value is None or str(value).strip().lower() in ("", "none"):
+            return None
+        try:
+            number = 0.0 if isinstance(value, bool) else float(str(value).strip())
+        except ValueError:
+            number = 0.0
+        if not 0 < number < float("inf"):
+            raise ValueError(
+                f"{self.prefix}{key} must be a number of seconds > 0 or None, got {value!r}"
             )
         return number
 
@@ -217,14 +237,18 @@ class ProcessBackend(Backend):
                 f"{config.prefix}EXECUTOR_START_METHOD={method!r} is not a start method on this "
                 f"platform; choose one of {multiprocessing.get_all_start_methods()}"
             )
-        return _ProcessPool(max_workers, mp_context=multiprocessing.get_context(method))
+        limit = config.seconds("EXECUTOR_TIMEOUT")
+        if limit is not None and not hasattr(signal, "setitimer"):
+            raise ValueError(f"{config.prefix}EXECUTOR_TIMEOUT needs signal.setitimer (POSIX)")
+        return _ProcessPool(max_workers, multiprocessing.get_context(method), limit)
 
 
 class _ProcessPool(concurrent.futures.ProcessPoolExecutor):
     """A process pool that refuses, with the reason, what cannot reach a worker process."""
 
-    def __init__(self, max_workers: int | None, mp_context: Any) -> None:
+    def __init__(self, max_workers: int | None, mp_context: Any, limit: float | None) -> None:
         super().__init__(max_workers, mp_context=mp_context, initializer=_exit_with_owner)
+        self._limit = limit
         # The pool pickles calls in its queue's feeder thread and fails the future with the
         # bare pickling error; name the object that failed instead (CPython 3.9+ hook).
         queue: Any = self._call_queue  # type: ignore[attr-defined]
@@ -238,7 +262,7 @@ class _ProcessPool(concurrent.futures.ProcessPoolExecutor):
             raise TypeError(_unpicklable(fn, "a lambda or nested function has no importable name"))
         if isinstance(getattr(inspect.unwrap(fn), "__self__", None), Flask):
             raise TypeError(_unpicklable(fn, "it is a bound method of the Flask app"))
-        return super().submit(_in_fresh_context, fn, *args, **kwargs)
+        return super().submit(_in_fresh_context, self._limit, fn, *args, **kwargs)
 
 
 def _exit_with_owner() -> None:
@@ -254,14 +278,14 @@ def _exit_when_gone(owner: multiprocessing.process.BaseProcess) -> None:
     os._exit(1)
 
 
-def _in_fresh_context(fn: Task, /, *args: Any, **kwargs: Any) -> Any:
+def _in_fresh_context(limit: float | None, fn: Task, /, *args: Any, **kwargs: Any) -> Any:
     """Run a process task in empty context variables (a worker started by fork holds a copy
-    of whatever request was active in the thread that forked it: not the task's), and make
-    sure what it returns or raises can reach the web process."""
+    of whatever request was active in the thread that forked it: not the task's), within
+    its time limit, and make sure what it returns or raises can reach the web process."""
     from multiprocessing.reduction import ForkingPickler
 
     try:
-        result = contextvars.Context().run(fn, *args, **kwargs)
+        result = contextvars.Context().run(_with_alarm, limit, fn, args, kwargs)
     except BaseException as exc:
         try:
             pickle.loads(ForkingPickler.dumps(exc))
@@ -281,6 +305,26 @@ def _in_fresh_context(fn: Task, /, *args: Any, **kwargs: Any) -> Any:
 
 
 _PLAIN = {type(None), bool, int, float, str, bytes}  # results that always pickle
+
+
+def _with_alarm(limit: float | None, fn: Task, args: Any, kwargs: Any) -> Any:
+    """Call fn, stopped by an alarm signal past ``limit`` seconds. A worker process runs its
+    tasks in its main thread, where signal handlers run: the worker and its queue live on."""
+    if limit is None:
+        return fn(*args, **kwargs)
+    signal.signal(signal.SIGALRM, _alarm)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, limit)
+        return fn(*args, **kwargs)
+    except _TimedOut:
+        pass
+    finally:
+        _until_done(lambda: signal.setitimer(signal.ITIMER_REAL, 0))
+    raise TaskTimeout(_task_name(fn), limit)
+
+
+def _alarm(signum: int, frame: Any) -> None:
+    raise _TimedOut
 
 
 def _name_unpicklable(
@@ -399,22 +443,25 @@ def register_backend(name: str, backend: Backend) -> None:
 
 # What a task keeps of its submitter, captured at submit (kept to a tuple: submit is the
 # request path): (app, a copy of the context variables, a copy of g's attributes or None,
-# whether to push a fresh app context, the task itself, the process that submitted it).
-Captured = tuple[Flask, contextvars.Context, Optional[dict[str, Any]], bool, Task, int]
+# whether to push a fresh app context, the task itself, the process that submitted it,
+# its time limit in seconds or None).
+Captured = tuple[
+    Flask, contextvars.Context, Optional[dict[str, Any]], bool, Task, int, Optional[float]
+]
 
 
 def _run_task(captured: Captured, /, *args: Any, **kwargs: Any) -> Any:
     """Run a task in the captured variables (entered once: a task runs once)."""
-    app, context, g_attrs, push, fn, _ = captured
-    return context.run(_in_app_context, app, g_attrs, push, True, fn, args, kwargs)
+    app, context, g_attrs, push, fn = captured[:5]
+    return context.run(_in_app_context, app, g_attrs, push, captured, fn, args, kwargs)
 
 
 def _run_callback(captured: Captured, fn: Callback, future: Future[Any]) -> None:
     """Run a done-callback as its task ran; any exception is logged, never raised: a
     SystemExit raised here would end the pool's thread, and every task queued behind it."""
-    app, context, g_attrs, push, task, _ = captured
+    app, context, g_attrs, push, task = captured[:5]
     try:
-        context.copy().run(_in_app_context, app, g_attrs, push, False, fn, (future,), {})
+        context.copy().run(_in_app_context, app, g_attrs, push, None, fn, (future,), {})
     except BaseException:
         app.logger.exception("done-callback %r of background task %s raised", fn, _task_name(task))
 
@@ -429,7 +476,7 @@ def _in_app_context(
     app: Flask,
     g_attrs: dict[str, Any] | None,
     push: bool,
-    teardown: bool,
+    task: Captured | None,
     fn: Task,
     args: Any,
     kwargs: Any,
@@ -438,11 +485,11 @@ def _in_app_context(
 
     Runs in the submitter's copied variables, where ``_cv_app`` still holds its context.
     Pushed and popped as Flask does (signals; a nested ``with`` of the same context inside
-    the task tears nothing down), but teardown functions run only if ``teardown`` (once per
-    task, not again for each of its done-callbacks).
+    the task tears nothing down). For a ``task`` (not one of its done-callbacks), fn can be
+    stopped (a time limit, cancel()) and teardown functions run, once, after it.
     """
     if not push:
-        return fn(*args, **kwargs)
+        return fn(*args, **kwargs) if task is None else _stoppable(task, fn, args, kwargs)
     app_ctx = _fresh_context(app, _cv_app.get(None))
     if g_attrs:
         app_ctx.g.__dict__.update(g_attrs)
@@ -451,19 +498,187 @@ def _in_app_context(
     try:
         if appcontext_pushed.receivers:
             appcontext_pushed.send(app, _async_wrapper=app.ensure_sync)
-        return fn(*args, **kwargs)
+        return fn(*args, **kwargs) if task is None else _stoppable(task, fn, args, kwargs)
     except BaseException as exc:
         error = exc
         raise
     finally:
         try:
-            if teardown:
+            if task is not None:
                 _teardown(app_ctx, error)
         finally:
             error = None  # the traceback holds this frame: no cycle keeping the task alive
             _leave(app_ctx)
             if appcontext_popped.receivers:
                 appcontext_popped.send(app, _async_wrapper=app.ensure_sync)
+
+
+# Stopping one running thread or gevent task: past its time limit (EXECUTOR_TIMEOUT), or on
+# future.cancel(). A private BaseException is raised inside the task's function only (so
+# `except Exception` in task code does not swallow it), and becomes the public error as it
+# leaves: TaskTimeout, or CancelledError. In a thread, it is raised asynchronously (CPython's
+# PyThreadState_SetAsyncExc: at the next bytecode, so not inside a blocking C call such as
+# time.sleep until that returns); in a greenlet, thrown in at its next switch, as gevent's
+# kill does. It is armed only while the function runs: never in teardown, a callback or the
+# pool's code, and a task that returned just as its time ran out keeps its result.
+
+
+class TaskTimeout(concurrent.futures.TimeoutError):
+    """A task ran past its time limit (EXECUTOR_TIMEOUT) and was stopped."""
+
+    def __init__(self, task: str, limit: float) -> None:
+        super().__init__(
+            f"background task {task} was stopped: it ran past its time limit of {limit} s "
+            "(EXECUTOR_TIMEOUT)"
+        )
+        self.task, self.limit = task, limit
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.task, self.limit))
+
+
+class _StopTask(BaseException):
+    """Raised inside a running task to stop it."""
+
+
+class _TimedOut(_StopTask):
+    pass
+
+
+class _Cancelled(_StopTask):
+    pass
+
+
+_running: dict[int, _Stopper] = {}  # id(captured) of each running task: how to stop it
+_stop_lock = threading.Lock()  # guards every _Stopper's state
+
+
+def _stoppable(task: Captured, fn: Task, args: Any, kwargs: Any) -> Any:
+    """Call a task's function where it can be stopped; the stop leaves as a public error."""
+    stopper = _running[id(task)] = _Stopper()
+    try:
+        stopper.arm(task[6])
+        return fn(*args, **kwargs)
+    except _StopTask:
+        pass
+    finally:
+        del _running[id(task)]
+        _until_done(stopper.disarm)
+    if stopper.fired is _TimedOut:
+        raise TaskTimeout(_task_name(fn), task[6])  # type: ignore[arg-type]
+    raise concurrent.futures.CancelledError(f"background task {_task_name(fn)} was cancelled")
+
+
+def _until_done(disarm: Callable[[], object]) -> None:
+    """Call ``disarm``, again if a stop raised in it before it could take effect."""
+    while True:
+        try:
+            disarm()
+            return
+        except _StopTask:
+            continue
+
+
+class _Stopper:
+    """How to stop one running task: its thread or greenlet, and whether it is in fn."""
+
+    def __init__(self) -> None:
+        self.inside = False  # in the task's function: a stop may be raised now
+        self.over = False  # the function has returned or raised: too late to stop it
+        self.fired: type[_StopTask] | None = None
+        self.thread = threading.get_ident()
+        self.timer: Any = None
+        gevent = sys.modules.get("gevent")
+        current = gevent.getcurrent() if gevent is not None else None
+        self.greenlet: Any = current if getattr(current, "parent", None) is not None else None
+
+    def arm(self, limit: float | None) -> None:
+        with _stop_lock:
+            self.inside = True
+            if self.fired is not None:  # cancelled between start and here
+                raise self.fired
+        if limit is not None and self.greenlet is not None:
+            self.timer = self.greenlet.parent.loop.timer(limit)
+            self.timer.start(self.stop, _TimedOut)
+        elif limit is not None:
+            _watchdog().add(time.monotonic() + limit, self)
+
+    def stop(self, reason: type[_StopTask]) -> bool:
+        """Stop the task if it has not finished; False if it has, or was stopped already."""
+        with _stop_lock:
+            if self.over or self.fired is not None:
+                return False
+            self.fired = reason
+            if self.inside and self.greenlet is not None:
+                self.greenlet.parent.loop.run_callback_threadsafe(self._throw)
+            elif self.inside:
+                _raise_in_thread(self.thread, reason)
+        return True
+
+    def _throw(self) -> None:  # in the greenlet's hub: the greenlet is waiting
+        if self.inside and not self.over:
+            self.greenlet.throw(self.fired)
+
+    def disarm(self) -> None:
+        with _stop_lock:
+            self.inside, self.over = False, True
+            if self.fired is not None and self.greenlet is None:
+                _raise_in_thread(self.thread, None)  # withdraw a stop not raised yet
+        if self.timer is not None:
+            self.timer.close()
+
+
+def _raise_in_thread(thread: int, exc: type[BaseException] | None) -> None:
+    import ctypes
+
+    exc_object = None if exc is None else ctypes.py_object(exc)  # None: NULL, which clears
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread), exc_object)
+
+
+class _Watchdog(threading.Thread):
+    """One thread per process that stops thread tasks past their time limits."""
+
+    def __init__(self) -> None:
+        super().__init__(name=f"{__name__} time limits", daemon=True)
+        self.pid = _pid
+        self.due: list[tuple[float, int, _Stopper]] = []  # a heap: the earliest first
+        self.count = itertools.count()
+        self.prune_at = 256
+        self.changed = threading.Condition()  # guards due
+
+    def add(self, deadline: float, stopper: _Stopper) -> None:
+        with self.changed:
+            heapq.heappush(self.due, (deadline, next(self.count), stopper))
+            if len(self.due) > self.prune_at:  # tasks that finished in time, long before
+                self.due = [entry for entry in self.due if not entry[2].over]
+                heapq.heapify(self.due)
+                self.prune_at = 2 * len(self.due) + 256
+            self.changed.notify()
+
+    def run(self) -> None:
+        while True:
+            with self.changed:
+                while self.due and self.due[0][2].over:
+                    heapq.heappop(self.due)
+                wait = self.due[0][0] - time.monotonic() if self.due else None
+                if wait is None or wait > 0:
+                    self.changed.wait(wait)
+                    continue
+                stopper = heapq.heappop(self.due)[2]
+            stopper.stop(_TimedOut)
+
+
+_the_watchdog: _Watchdog | None = None
+
+
+def _watchdog() -> _Watchdog:
+    """This process's watchdog, started on first use (again in a forked child)."""
+    global _the_watchdog
+    with _fork_lock:
+        if _the_watchdog is None or _the_watchdog.pid != _pid:
+            _the_watchdog = _Watchdog()
+            _the_watchdog.start()
+        return _the_watchdog
 
 
 # Pushing a task's context. Flask's own push() and pop() would, on Flask 3.2, route the
@@ -510,11 +725,44 @@ class _ContextFuture(Future):  # type: ignore[type-arg]
 
     _captured: Captured | None = None
     _retrieved = False  # result() or exception() has returned the outcome to someone
+    _stopped = False  # cancelled while running: the pool's late outcome is dropped
 
     def add_done_callback(self, fn: Callback) -> None:
         if self._captured is not None:
             fn = functools.partial(_run_callback, self._captured, fn)
         super().add_done_callback(fn)
+
+    def cancel(self) -> bool:
+        """Cancel a pending task, or stop a running thread or gevent task (the standard
+        library's cancel() gives up on a running task). False once it has finished."""
+        if super().cancel():
+            return True
+        stopper = _running.get(id(self._captured)) if self._captured else None
+        if stopper is None or not stopper.stop(_Cancelled):
+            return self.cancelled()
+        with self._condition:
+            if self._state != "RUNNING":  # it finished first
+                return self.cancelled()
+            self._stopped, self._state = True, "CANCELLED_AND_NOTIFIED"
+            for waiter in self._waiters:
+                waiter.add_cancelled(self)
+            self._condition.notify_all()
+        self._invoke_callbacks()  # type: ignore[attr-defined]
+        return True
+
+    def set_result(self, result: Any) -> None:
+        try:
+            super().set_result(result)
+        except concurrent.futures.InvalidStateError:
+            if not self._stopped:  # a stopped task's late outcome is dropped, not raised
+                raise
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        try:
+            super().set_exception(exception)
+        except concurrent.futures.InvalidStateError:
+            if not self._stopped:
+                raise
 
     def result(self, timeout: float | None = None) -> Any:
         return self._read(Future.result, timeout)
@@ -527,6 +775,8 @@ class _ContextFuture(Future):  # type: ignore[type-arg]
         try:
             return read(self, self._wait(timeout))
         except concurrent.futures.TimeoutError:
+            if self._state == "FINISHED":  # the task's own TimeoutError (a TaskTimeout)
+                raise
             raise concurrent.futures.TimeoutError(self._late(timeout)) from None
         finally:
             self._retrieved = self._retrieved or self._state == "FINISHED"
@@ -832,6 +1082,8 @@ class _StoredTask:
             )
         try:  # the outcome is stored before the submitter's future has it: reads agree
             result = self.fn(*args, **kwargs)
+        except _StopTask:  # becomes a TaskTimeout or a cancel: stored by the owner
+            raise
         except BaseException as exc:
             self.store.finish(self.row_id, _outcome(self.fn, exc))
             raise
@@ -1408,9 +1660,11 @@ _fork_lock = threading.Lock()  # guards giving a state its own pool in a forked 
 
 
 def _after_fork_in_child() -> None:
-    global _pid, _fork_lock
+    global _pid, _fork_lock, _stop_lock
     _pid = os.getpid()
-    _fork_lock = threading.Lock()  # another thread may have held it at the fork
+    _fork_lock = threading.Lock()  # another thread may have held one of them at the fork
+    _stop_lock = threading.Lock()
+    _running.clear()  # the parent's running tasks
     forkserver = sys.modules.get("multiprocessing.forkserver")
     if forkserver is not None:  # the parent's fork server is not this process's child
         server: Any = getattr(forkserver, "_forkserver")  # noqa: B009
@@ -1440,13 +1694,14 @@ class _AppState:
         self.max_length = max_length
         self.store = config.store()
         self.ttl = config.number("EXECUTOR_FUTURES_TTL", None)
+        self.limit = config.seconds("EXECUTOR_TIMEOUT")
         self.config = config
         self._shutdown = False
         self.own_pool()  # built now, so a bad config fails at init_app, before app changes
         used = [config.get("EXECUTOR_TYPE", "thread"), max_workers, max_length]
         method = config.get("EXECUTOR_START_METHOD", "spawn")
         store = config.get("EXECUTOR_FUTURES_STORE", "memory")
-        values = [*used, self.propagate, self.push, method, store, self.ttl]  # _KEYS' order
+        values = [*used, self.propagate, self.push, method, store, self.ttl, self.limit]
         for key, value in zip(_KEYS, values):
             app.config.setdefault(config.prefix + key, value)
 
@@ -1472,7 +1727,7 @@ class _AppState:
         app_ctx = _cv_app.get(None)
         g_attrs = app_ctx.g.__dict__.copy() if self.push and app_ctx is not None else None
         # the copied variables hold the request, the session and the caller's own variables
-        captured = (self.app, contextvars.copy_context(), g_attrs, self.push, fn, _pid)
+        captured = (self.app, contextvars.copy_context(), g_attrs, self.push, fn, _pid, self.limit)
         if self.contexts:
             fn, args = _run_task, (captured, *args)
         pool = self.pool

@@ -15,6 +15,7 @@ import logging
 import multiprocessing
 import os
 import pickle
+import re
 import shutil
 import signal
 import socket
@@ -716,11 +717,13 @@ def store_url(request, tmp_path):
 
 
 def wait_until(check, timeout: float = TIMEOUT) -> None:
-    """Poll ``check()`` (a read of state another process or a store holds) until true."""
+    """Poll ``check()`` (a read of state another process, a store or a pool holds) until
+    true; under gevent, letting the hub run the greenlets meanwhile."""
     deadline = time.monotonic() + timeout
     while not check():
         assert time.monotonic() < deadline, f"timed out waiting for {check}"
-        time.sleep(0.01)
+        gevent = sys.modules.get("gevent")
+        (gevent.sleep if gevent is not None else time.sleep)(0.01)
 
 
 def wait_event(event_name: str) -> str:
@@ -2180,6 +2183,265 @@ def test_gunicorn_workers_share_stored_futures(worker, executor_type, store, pre
         assert f"/{owner}:" in lost["error"] and "is gone" in lost["error"]
     finally:
         server.stop()
+
+
+# -- time limits and stopping one running task (EXECUTOR_TIMEOUT, future.cancel()) ----------
+
+
+def nap(seconds: float) -> None:
+    """Sleep in small steps: cooperative in a greenlet, and stoppable in a thread."""
+    gevent = sys.modules.get("gevent")
+    in_greenlet = gevent is not None and gevent.getcurrent().parent is not None
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        (gevent.sleep if in_greenlet else time.sleep)(0.005)
+
+
+def maybe_overrun(n: int) -> int:
+    """Every 5th call runs far past any limit the tests set; the others return at once."""
+    if n % 5 == 4:
+        nap(10)
+    return n * n
+
+
+def swallow_exceptions() -> str:
+    try:
+        nap(10)
+    except Exception:
+        return "swallowed"
+    return "finished"
+
+
+def wait_at_barrier(barrier_name: str) -> int:
+    BARRIERS[barrier_name].wait(TIMEOUT)
+    return threading.get_ident()
+
+
+BARRIERS: dict[str, threading.Barrier] = {}
+STOPPABLE = ["thread", "gevent"]
+
+
+def limited(make_executor, backend: str, **config: object) -> tuple[Flask, Executor]:
+    if backend == "gevent":
+        pytest.importorskip("gevent")
+    return make_executor(EXECUTOR_TYPE=backend, **config)
+
+
+class TestTimeLimits:
+    @pytest.mark.parametrize("backend", ["thread", "gevent", "process"])
+    def test_every_fifth_task_overruns_and_the_pool_keeps_serving(self, make_executor, backend):
+        app, executor = limited(make_executor, backend, EXECUTOR_TIMEOUT="0.5",
+                                EXECUTOR_MAX_WORKERS=4)  # fmt: skip
+        with app.app_context():
+            futures = [executor.submit(maybe_overrun, n) for n in range(20)]
+            for n, future in enumerate(futures):
+                if n % 5 == 4:
+                    exc = future.exception(TIMEOUT)
+                    assert isinstance(exc, cf.TimeoutError)
+                    assert isinstance(exc, flask_executor.TaskTimeout)
+                    assert "test_flask_executor.maybe_overrun" in str(exc) and "0.5 s" in str(exc)
+                else:
+                    assert future.result(TIMEOUT) == n * n
+            # the pool still has its workers: four tasks run at once, and more after them
+            if backend == "thread":
+                BARRIERS["full"] = threading.Barrier(4)
+                idents = [executor.submit(wait_at_barrier, "full") for _ in range(4)]
+                assert len({f.result(TIMEOUT) for f in idents}) == 4
+            assert [f.result(TIMEOUT) for f in map(executor.submit, [square] * 8, range(8))] == [
+                n * n for n in range(8)
+            ]
+            if backend == "process":  # stopped inside the worker: the same processes serve on
+                assert len(executor._self._processes) == 4
+
+    def test_task_timeout_pickles_and_names_task_and_limit(self):
+        exc = flask_executor.TaskTimeout("app.report", 2.5)
+        copy = pickle.loads(pickle.dumps(exc))
+        assert type(copy) is flask_executor.TaskTimeout and str(copy) == str(exc)
+        assert "app.report" in str(exc) and "2.5 s" in str(exc) and "EXECUTOR_TIMEOUT" in str(exc)
+        assert isinstance(copy, cf.TimeoutError) and (copy.task, copy.limit) == ("app.report", 2.5)
+
+    @pytest.mark.parametrize("backend", STOPPABLE)
+    def test_a_task_catching_exception_is_still_stopped(self, make_executor, backend):
+        app, executor = limited(make_executor, backend, EXECUTOR_TIMEOUT="0.3")
+        with app.app_context(), pytest.raises(flask_executor.TaskTimeout):
+            executor.submit(swallow_exceptions).result(TIMEOUT)
+
+    @pytest.mark.parametrize("backend", STOPPABLE)
+    def test_limit_counts_from_start_not_submit(self, make_executor, backend):
+        app, executor = limited(make_executor, backend, EXECUTOR_TIMEOUT="0.5",
+                                EXECUTOR_MAX_WORKERS=1)  # fmt: skip
+        with app.app_context():
+            first = executor.submit(nap, 0.3)
+            second = executor.submit(nap, 0.3)  # queued 0.3 s: 0.6 s after submit, 0.3 s run
+            assert first.result(TIMEOUT) is None and second.result(TIMEOUT) is None
+
+    @pytest.mark.parametrize("backend", STOPPABLE)
+    def test_teardown_runs_once_after_the_stop_sees_it_and_is_not_interrupted(
+        self, make_executor, backend
+    ):
+        app, executor = limited(make_executor, backend, EXECUTOR_TIMEOUT="0.2")
+        seen: list[object] = []
+
+        @app.teardown_appcontext
+        def slow_teardown(error: BaseException | None) -> None:
+            nap(0.6)  # three times the limit, after the stop: must run to its end
+            seen.append(type(error).__name__)
+
+        with app.app_context():
+            future = executor.submit(nap, 10)
+            with pytest.raises(flask_executor.TaskTimeout):
+                future.result(TIMEOUT)
+            executor.shutdown(wait=True)
+            assert seen == ["TaskTimeout"]  # (this block's own context tears down after)
+
+    @pytest.mark.parametrize("backend", STOPPABLE)
+    def test_callbacks_run_in_the_tasks_contexts_after_a_stop(self, make_executor, backend):
+        app, executor = limited(make_executor, backend, EXECUTOR_TIMEOUT="0.2")
+        got: list[object] = []
+        executor.add_default_done_callback(
+            lambda f: got.append((type(f.exception()).__name__, request.args["q"]))
+        )
+        with app.test_request_context("/?q=cb"):
+            future = executor.submit(nap, 10)
+            with pytest.raises(flask_executor.TaskTimeout):
+                future.result(TIMEOUT)
+            executor.shutdown(wait=True)
+        assert got == [("TaskTimeout", "cb")]
+
+    @pytest.mark.parametrize("backend", STOPPABLE)
+    def test_tasks_ending_at_their_deadline_read_as_finished_or_timed_out_never_broken(
+        self, make_executor, backend
+    ):
+        """Many tasks end right around their deadline: each reads as its result or as a
+        TaskTimeout; none leaks the stop into teardown or the pool, and the pool keeps its size."""
+        app, executor = limited(make_executor, backend, EXECUTOR_TIMEOUT="0.02",
+                                EXECUTOR_MAX_WORKERS=4)  # fmt: skip
+        teardowns: list[object] = []
+        app.teardown_appcontext(lambda error: teardowns.append(error))
+        with app.app_context():
+            futures = [executor.submit(nap, 0.015 + (n % 10) * 0.001) for n in range(300)]
+            outcomes = {type(f.exception(TIMEOUT)).__name__ for f in futures}
+            executor.shutdown(wait=True)
+            assert outcomes <= {"NoneType", "TaskTimeout"} and len(teardowns) == 300
+        assert all(e is None or isinstance(e, flask_executor.TaskTimeout) for e in teardowns)
+
+    def test_no_limit_by_default_and_bad_values(self, make_executor):
+        app, executor = make_executor()
+        assert app.config["EXECUTOR_TIMEOUT"] is None
+        with app.app_context():
+            assert executor.submit(nap, 0.2).result(TIMEOUT) is None
+        for bad in ["soon", "0", "-1", True]:
+            with pytest.raises(
+                ValueError,
+                match=rf"EXECUTOR_TIMEOUT must be a number of seconds > 0 or None, got "
+                rf"{re.escape(repr(bad))}",
+            ):
+                Executor(make_app(EXECUTOR_TIMEOUT=bad))
+        app, executor = make_executor(name="mail", MAIL_EXECUTOR_TIMEOUT="1.5")
+        assert executor._state().limit == 1.5
+
+
+class TestCancelRunning:
+    @pytest.mark.parametrize("backend", STOPPABLE)
+    def test_cancel_pending_running_and_finished(self, make_executor, backend):
+        app, executor = limited(make_executor, backend, EXECUTOR_MAX_WORKERS=1)
+        teardowns: list[object] = []
+        app.teardown_appcontext(lambda error: teardowns.append(type(error).__name__))
+        with app.app_context():
+            done = executor.submit(square, 3)
+            assert done.result(TIMEOUT) == 9
+            running = executor.submit(nap, 10)
+            pending = executor.submit(square, 4)
+            wait_until(running.running)
+            assert pending.cancel() is True and pending.cancelled()
+            assert running.cancel() is True and running.cancelled() and running.done()
+            with pytest.raises(cf.CancelledError):
+                running.result(TIMEOUT)
+            assert running.cancel() is True  # as the standard library: already cancelled
+            assert done.cancel() is False and not done.cancelled()
+            assert executor.submit(square, 5).result(TIMEOUT) == 25  # the worker is free again
+            executor.shutdown(wait=True)
+            assert teardowns == ["NoneType", "CancelledError", "NoneType"]
+
+    @pytest.mark.parametrize("backend", STOPPABLE)
+    def test_cancel_by_stored_key(self, make_executor, backend):
+        app, executor = limited(make_executor, backend)
+        with app.app_context():
+            executor.submit_stored("TEXT_LABEL", nap, 10)
+            other = executor.submit_stored("other", nap, 0.5)
+            wait_until(lambda: executor.futures.running("TEXT_LABEL"))
+            assert executor.futures.cancel("TEXT_LABEL") is True
+            assert executor.futures.cancelled("TEXT_LABEL") is True
+            assert other.result(TIMEOUT) is None and not other.cancelled()  # only that one
+
+    @pytest.mark.parametrize("backend", STOPPABLE)
+    def test_waiters_and_callbacks_see_a_running_task_cancelled(self, make_executor, backend):
+        app, executor = limited(make_executor, backend)
+        seen: list[bool] = []
+        with app.app_context():
+            future = executor.submit(nap, 10)
+            future.add_done_callback(lambda f: seen.append(f.cancelled()))
+            wait_until(future.running)
+            waiter = threading.Thread(target=future.cancel)
+            waiter.start()
+            finished, _ = cf.wait([future], timeout=TIMEOUT)
+            waiter.join(TIMEOUT)
+            assert finished == {future} and seen == [True]
+
+    def test_many_cancels_and_timeouts_leave_the_pool_whole(self, make_executor):
+        app, executor = make_executor(EXECUTOR_MAX_WORKERS=4, EXECUTOR_TIMEOUT="0.05")
+        with app.app_context():
+            for _ in range(5):
+                futures = [executor.submit(nap, 10) for _ in range(8)]
+                for future in futures[:4]:
+                    wait_until(future.running)
+                    future.cancel()
+                for future in futures:
+                    assert future.cancelled() or isinstance(
+                        future.exception(TIMEOUT), cf.TimeoutError
+                    )
+            BARRIERS["whole"] = threading.Barrier(4)
+            idents = [executor.submit(wait_at_barrier, "whole") for _ in range(4)]
+            assert len({f.result(TIMEOUT) for f in idents}) == 4
+
+    def test_process_backend_keeps_the_standard_answer(self, make_executor, tmp_path):
+        app, executor = make_executor(EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=1)
+        with app.app_context():
+            running = executor.submit(wait_for, str(tmp_path / "go"))
+            wait_until(running.running)
+            assert running.cancel() is False and not running.cancelled()
+            (tmp_path / "go").touch()
+            assert running.result(TIMEOUT) == str(tmp_path / "go")
+
+
+def test_limits_and_cancel_under_gevent_monkey_patching():
+    pytest.importorskip("gevent")
+    result = run_script(
+        """
+        from gevent import monkey; monkey.patch_all()
+        import concurrent.futures as cf
+        from flask import Flask
+        from flask_executor import Executor, TaskTimeout
+        from test_flask_executor import maybe_overrun, nap
+        for backend in ["thread", "gevent"]:
+            app = Flask("patched")
+            app.config.update(EXECUTOR_TYPE=backend, EXECUTOR_TIMEOUT=0.3, EXECUTOR_MAX_WORKERS=4)
+            executor = Executor(app)
+            with app.app_context():
+                futures = [executor.submit(maybe_overrun, n) for n in range(10)]
+                outcomes = [type(f.exception(30)).__name__ for f in futures]
+                expected = (["NoneType"] * 4 + ["TaskTimeout"]) * 2
+                assert outcomes == expected, outcomes
+                running = executor.submit(nap, 0.25)
+                while not running.running():
+                    nap(0.01)
+                assert running.cancel() and running.cancelled()
+                assert executor.submit(maybe_overrun, 3).result(30) == 9
+            executor.shutdown()
+        print("ok")
+        """
+    )
+    assert result.stdout.strip() == "ok", result.stderr
 
 
 # -- reliability: faults healed, nothing lost, no leaks, bounded memory ------------------
