@@ -405,9 +405,9 @@ class _GeventExecutor(concurrent.futures.Executor):
         if cancel_futures:
             for greenlet in list(self._pool):  # spawned, not started: cancel() succeeds
                 if greenlet.args:  # gevent drops args once a greenlet has run
-                    greenlet.args[0].cancel()
+                    Future.cancel(greenlet.args[0])  # pending only, not a running one
             while self._waiting:
-                self._waiting.popleft()[0].cancel()
+                Future.cancel(self._waiting.popleft()[0])
         while wait and (self._pool or self._waiting):
             self._pool.join()
 
