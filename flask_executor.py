@@ -165,14 +165,17 @@ class Config:
         namespace = f"{self.app.import_name}:{self.prefix}"
         if url.lower() in ("", "memory", "none"):
             return None
-        if url.startswith("sqlite:///") and url[10:] not in ("", ":memory:"):
+        if url.startswith("sqlite:///") and url[10:] not in ("", ":memory:") and "?" not in url:
             path = url[10:]  # sqlite:////abs.db: an absolute path; else under instance_path
             if not os.path.isabs(path):
                 os.makedirs(self.app.instance_path, exist_ok=True)
                 path = os.path.join(self.app.instance_path, path)
             return SQLiteStore(path, namespace)
         if url.startswith(("redis://", "rediss://", "unix://")):
-            return RedisStore(url, namespace)
+            try:
+                return RedisStore(url, namespace)
+            except ValueError as exc:  # redis-py's reading of the URL
+                raise ValueError(f"{self.prefix}EXECUTOR_FUTURES_STORE={value!r}: {exc}") from exc
         raise ValueError(
             f"{self.prefix}EXECUTOR_FUTURES_STORE={value!r} is not a futures store: use "
             "'memory', 'sqlite:///relative/path.db', 'sqlite:////absolute/path.db', "
@@ -740,6 +743,9 @@ class _ContextFuture(Future):  # type: ignore[type-arg]
         stopper = _running.get(id(self._captured)) if self._captured else None
         if stopper is None or not stopper.stop(_Cancelled):
             return self.cancelled()
+        return self._cancel_running()
+
+    def _cancel_running(self) -> bool:
         with self._condition:
             if self._state != "RUNNING":  # it finished first
                 return self.cancelled()
@@ -758,6 +764,8 @@ class _ContextFuture(Future):  # type: ignore[type-arg]
                 raise
 
     def set_exception(self, exception: BaseException | None) -> None:
+        if isinstance(exception, _NotStarted) and self._cancel_running():
+            return  # cancelled through the shared store before it started: cancelled here too
         try:
             super().set_exception(exception)
         except concurrent.futures.InvalidStateError:
@@ -928,28 +936,32 @@ def _taken(future_key: Any) -> str:
     return f"future_key {future_key!r} already exists: pop it first or use another key"
 
 
-# Stored futures shared by every process (EXECUTOR_FUTURES_STORE): a store keeps one row per
-# key: its state, the process that owns the task ("owner") and, once it has finished, its
-# pickled outcome. Any process reads the row; only the owner runs the task and writes it.
+# Stored futures shared by every process (EXECUTOR_FUTURES_STORE). A store keeps a row per
+# stored future: its key, state, the process that owns the task ("owner") and, once done,
+# its pickled outcome. Any process reads rows; the owner runs the task and writes its row.
+# A popped row loses its key (renamed 'd:<id>') but stays readable by its id, for whoever
+# still waits on it, until it has been finished for _POPPED_KEPT seconds.
 PENDING, RUNNING, FINISHED, CANCELLED = "pending", "running", "finished", "cancelled"
 Row = tuple[int, str, str, str, Optional[bytes]]  # (id, state, owner, task name, outcome)
+_POPPED_KEPT = 60.0
 
 
 class FuturesStore(abc.ABC):
     """Where a shared futures dict keeps its rows: subclass it to plug in your own store.
 
-    Keys are strings. Each method is atomic across processes, and the store must pickle
-    (process tasks mark their start through it). A finished or cancelled row's outcome is
-    final: ``finish`` and ``cancel`` change only rows still pending (or running).
+    Keys are strings; each method is atomic across processes. The object must pickle: the
+    process backend's workers mark their tasks' start through it. ``finish`` and ``cancel``
+    change only rows still pending (or running): an outcome, once stored, is final.
     """
 
     @abc.abstractmethod
     def claim(
         self, key: str, owner: str, task: str, max_length: int | None, ttl: float | None
     ) -> tuple[int, list[str]] | None:
-        """Add a pending row and return its id, or None if ``key`` is taken. First drop the
-        finished rows older than ``ttl`` seconds, then, while ``max_length`` rows or more
-        remain, the oldest finished row, else the oldest row: also return those keys."""
+        """Add a pending row under ``key``: its id, or None if ``key`` is taken. First
+        delete popped rows finished over _POPPED_KEPT seconds ago, and keyed rows finished
+        over ``ttl`` seconds ago; then, while ``max_length`` keyed rows or more remain, the
+        one that finished first, else the oldest, whose key is also returned."""
 
     @abc.abstractmethod
     def start(self, row_id: int) -> bool:
@@ -960,21 +972,28 @@ class FuturesStore(abc.ABC):
         """Pending or running to finished with ``outcome``, or to cancelled if None."""
 
     @abc.abstractmethod
-    def read(self, key: str) -> Row | None:
-        """The row stored at ``key``."""
+    def forget(self, row_id: int) -> None:
+        """Delete a row (its task could not be queued)."""
 
     @abc.abstractmethod
-    def cancel(self, key: str) -> bool:
+    def read(self, key: str) -> Row | None:
+        """The row stored under ``key``."""
+
+    @abc.abstractmethod
+    def read_id(self, row_id: int) -> Row | None:
+        """The row with that id, popped or not."""
+
+    @abc.abstractmethod
+    def cancel(self, row_id: int) -> bool:
         """Pending to cancelled; True if the row is cancelled now."""
 
     @abc.abstractmethod
     def pop(self, key: str) -> Row | None:
-        """Delete a finished or cancelled row and return it. An unfinished row is renamed
-        ``'d:<id>'`` instead (so its owner can still finish it), and returned."""
+        """Take the row's key away (it becomes ``'d:<id>'``) and return the row."""
 
     @abc.abstractmethod
     def keys(self) -> list[str]:
-        """The keys, oldest first, leaving out those starting with ``'d:'``."""
+        """The keys of the rows not popped, oldest first."""
 
     @abc.abstractmethod
     def alive(self, owner: str) -> bool:
@@ -999,7 +1018,7 @@ def _key_of(text: str) -> Any:
 
 
 def _owner() -> str:
-    """This process, as stores name it: host, boot, pid and start time (pids are reused)."""
+    """This process, as stores name it: machine, pid and start time (pids are reused)."""
     return f"{_HOST}/{_process_start(os.getpid())}"
 
 
@@ -1014,7 +1033,7 @@ def _process_start(pid: int) -> str:
 
 
 def _alive_here(owner: str) -> bool | None:
-    """Whether ``owner`` is alive, if it ran on this machine (else None: cannot tell)."""
+    """Whether ``owner`` is alive, if it runs on this machine (else None: cannot tell)."""
     host, _, process = owner.rpartition("/")
     if host != _HOST:
         return None
@@ -1045,20 +1064,36 @@ _HOST = _machine()
 
 
 def _outcome(fn: Task, exc: BaseException | None, result: Any = None) -> bytes:
-    """A task's outcome as a store keeps it: pickled (exception, result, traceback text).
-    What cannot be pickled is replaced by a TypeError naming the task and the type."""
+    """A task's outcome as a store keeps it: (pickled exception or result, whether it
+    failed, a summary, the traceback text), so a process that cannot re-create the value
+    can still say what it was. What cannot be pickled becomes a TypeError naming it."""
+    value, summary = (exc, f"{type(exc).__qualname__}: {exc}") if exc else (result, "")
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)) if exc else ""
     try:
-        outcome = pickle.dumps((exc, result, text))
-        pickle.loads(outcome)  # what pickles but cannot be re-created fails here, not in a reader
-        return outcome
+        pickled = pickle.dumps(value)
+        pickle.loads(pickled)  # what pickles but cannot be re-created fails here, in the owner
     except Exception as why:
-        value = f"its {type(exc).__qualname__}" if exc else f"its {type(result).__name__} result"
-        failure = TypeError(
-            f"stored task {_task_name(fn)} finished, but {value} cannot be pickled for other "
+        kind = f"its {type(exc).__qualname__}" if exc else f"its {type(result).__name__} result"
+        value = TypeError(
+            f"stored task {_task_name(fn)} finished, but {kind} cannot be pickled for other "
             f"processes to read ({why}); return picklable values, or use the memory store"
         )
-        return pickle.dumps((failure, None, text))
+        pickled, exc = pickle.dumps(value), value
+    return pickle.dumps((pickled, exc is not None, summary, text))
+
+
+def _loads(outcome: bytes | None, task: str) -> tuple[bool, Any]:
+    """(failed, the exception or result) of a stored outcome."""
+    pickled, failed, summary, text = pickle.loads(outcome or b"")
+    try:
+        value = pickle.loads(pickled)
+    except Exception as why:
+        what = f"raised {summary}" if failed else "returned a value that"
+        value = RuntimeError(f"stored task {task} {what}: it cannot be re-created here ({why})")
+        failed = True
+    if failed and text:
+        value.__cause__ = _RemoteTraceback(text)
+    return failed, value
 
 
 class _RemoteTraceback(Exception):
@@ -1068,74 +1103,78 @@ class _RemoteTraceback(Exception):
         return f'\n"""\n{self.args[0]}"""'
 
 
+class _NotStarted(concurrent.futures.CancelledError):
+    """A stored task cancelled through the store before it started: its future is cancelled."""
+
+
 class _StoredTask:
-    """A stored task: marks its row running as it starts, and does not run if cancelled."""
+    """A stored task: marks its row running as it starts (not at all if it was cancelled),
+    and stores its outcome before the submitter's future has it, so every read agrees."""
 
     def __init__(self, store: FuturesStore, row_id: int, future_key: Any, fn: Task) -> None:
-        functools.update_wrapper(self, fn)  # its name, for errors and the process checks
+        functools.update_wrapper(self, fn, updated=())  # its name: errors, process checks
         self.store, self.row_id, self.future_key, self.fn = store, row_id, future_key, fn
+        self.recorded = False  # this copy stored the outcome (in a process worker: its copy)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if not self.store.start(self.row_id):
-            raise concurrent.futures.CancelledError(
-                f"stored future {self.future_key!r} was cancelled before its task started"
-            )
-        try:  # the outcome is stored before the submitter's future has it: reads agree
+            raise _NotStarted(f"stored future {self.future_key!r} was cancelled")
+        try:
             result = self.fn(*args, **kwargs)
         except _StopTask:  # becomes a TaskTimeout or a cancel: stored by the owner
             raise
         except BaseException as exc:
-            self.store.finish(self.row_id, _outcome(self.fn, exc))
+            self._record(_outcome(self.fn, exc))
             raise
-        self.store.finish(self.row_id, _outcome(self.fn, None, result))
+        self._record(_outcome(self.fn, None, result))
         return result
+
+    def _record(self, outcome: bytes) -> None:
+        with contextlib.suppress(Exception):  # the store is away: the owner tries again
+            self.store.finish(self.row_id, outcome)
+            self.recorded = True
 
 
 class _StoredFuture(Future):  # type: ignore[type-arg]
-    """A stored future as a shared store has it: each read asks the store again.
+    """A stored future as a shared store has it: each read asks the store again, by id.
 
-    Done-callbacks added to it run in the thread whose read sees the task finish.
+    Done-callbacks added to it run in the thread whose read sees the task finish; it is
+    not woken by itself, so ``concurrent.futures.wait`` on it alone does not return.
     """
 
-    def __init__(self, futures: _SharedFutures, text: str, row: Row) -> None:
+    def __init__(self, futures: _SharedFutures, future_key: Any, row: Row) -> None:
         super().__init__()
-        self._futures, self._text = futures, text
-        self._update(row)
+        self._futures, self._key, self._row_id = futures, future_key, row[0]
+        with self._condition:
+            self._update(row)
 
     def _update(self, row: Row | None) -> None:
         if row is None:
-            error = KeyError(f"stored future {_key_of(self._text)!r} was popped or evicted")
+            error = KeyError(f"stored future {self._key!r} was dropped from the store")
             return self.set_exception(error)
         state, owner, task, outcome = row[1:]
-        if state == CANCELLED:
-            with self._condition:
-                self._state = "CANCELLED_AND_NOTIFIED"
-                self._condition.notify_all()
-            self._invoke_callbacks()  # type: ignore[attr-defined]
-        elif state == FINISHED:
-            if self._text.startswith("d:"):  # popped while running: its reader deletes it
-                self._futures.store.pop(self._text)
-            exc, result, text = _loads(outcome, task)
-            if exc is None:
-                return self.set_result(result)
-            if text:
-                exc.__cause__ = _RemoteTraceback(text)
-            self.set_exception(exc)
-        elif not self._futures.store.alive(owner):
-            self.set_exception(
-                concurrent.futures.BrokenExecutor(
-                    f"stored future {_key_of(self._text)!r} is lost: the process {owner} that "
-                    f"ran its task {task} is gone"
-                )
+        if state in (PENDING, RUNNING):
+            if self._futures.store.alive(owner):
+                self._state = state.upper()
+                return
+            lost = concurrent.futures.BrokenExecutor(
+                f"stored future {self._key!r} is lost: the process {owner} that ran its task "
+                f"{task} is gone"
             )
-        elif state == RUNNING:
-            with self._condition:
-                self._state = "RUNNING"
+            outcome = _outcome(self.cancel, lost)
+            self._futures.store.finish(self._row_id, outcome)  # so it is lost for everyone
+            state = FINISHED
+        if state == CANCELLED:
+            self._state = "CANCELLED_AND_NOTIFIED"
+            self._condition.notify_all()
+            return self._invoke_callbacks()  # type: ignore[attr-defined,no-any-return]
+        failed, value = _loads(outcome, task)
+        (self.set_exception if failed else self.set_result)(value)
 
     def _refresh(self) -> None:
         with self._condition:  # one read at a time resolves it
             if self._state in ("PENDING", "RUNNING"):
-                self._update(self._futures.store.read(self._text))
+                self._update(self._futures.store.read_id(self._row_id))
 
     def done(self) -> bool:
         self._refresh()
@@ -1150,8 +1189,10 @@ class _StoredFuture(Future):  # type: ignore[type-arg]
         return super().cancelled()
 
     def cancel(self) -> bool:
-        if self._state == "PENDING":
-            self._futures.store.cancel(self._text)
+        if self._state == "PENDING" and self._futures.store.cancel(self._row_id):
+            local = self._futures._local.get(self._row_id)  # queued in this process
+            if local is not None:
+                Future.cancel(local)
         return self.cancelled()
 
     def result(self, timeout: float | None = None) -> Any:
@@ -1168,18 +1209,11 @@ class _StoredFuture(Future):  # type: ignore[type-arg]
             left = 1.0 if deadline is None else deadline - time.monotonic()
             if left <= 0:
                 raise concurrent.futures.TimeoutError(
-                    f"stored future {_key_of(self._text)!r} did not finish within {timeout} s"
+                    f"stored future {self._key!r} did not finish within {timeout} s"
                 )
             _sleep(min(delay, left))
             delay = min(delay * 2, 0.05)
         return 0
-
-
-def _loads(outcome: bytes | None, task: str) -> tuple[BaseException | None, Any, str]:
-    try:
-        return pickle.loads(outcome or b"")  # type: ignore[no-any-return]
-    except Exception as why:
-        return RuntimeError(f"the outcome of stored task {task} cannot be read here: {why}"), 0, ""
 
 
 def _sleep(seconds: float) -> None:
@@ -1192,7 +1226,7 @@ class _SharedFutures(FutureCollection):
     """The futures dict over a shared store: every process sees the same keys and outcomes.
 
     Reads return fresh views of the stored rows (:class:`_StoredFuture`); the task and its
-    done-callbacks run in the process that submitted it, which records the outcome.
+    done-callbacks run in the process that submitted it, which stores the outcome.
     """
 
     def __init__(
@@ -1200,13 +1234,12 @@ class _SharedFutures(FutureCollection):
     ) -> None:
         super().__init__(max_length, logger)
         self.store, self.ttl = store, ttl
+        self._local: weakref.WeakValueDictionary[int, Future[Any]] = weakref.WeakValueDictionary()
 
     def add(self, future_key: Any, future: Future[Any]) -> None:
-        self._store(future_key, future, lambda _: future, every=True)
+        self._store(future_key, future, lambda _: future)
 
-    def _store(
-        self, future_key: Any, fn: Any, start: Callable[[Task], Future[T]], every: bool = False
-    ) -> Future[T]:
+    def _store(self, future_key: Any, fn: Any, start: Callable[[Task], Future[T]]) -> Future[T]:
         text = _key_text(future_key)
         claimed = self.store.claim(text, _owner(), _task_name(fn), self.max_length, self.ttl)
         if claimed is None:
@@ -1220,31 +1253,42 @@ class _SharedFutures(FutureCollection):
                 self.max_length,
                 _key_of(key),
             )
+        task = _StoredTask(self.store, row_id, future_key, fn)
         try:
-            future = start(_StoredTask(self.store, row_id, future_key, fn))
+            future = start(task)
         except BaseException:
-            self.store.finish(row_id, None)  # nothing was queued: free the key
-            self.store.pop(text)
+            self.store.forget(row_id)  # nothing was queued: free the key
             raise
-        Future.add_done_callback(future, functools.partial(self._record, row_id, fn, every))
-        future._stored_text = text  # type: ignore[attr-defined]
+        self._local[row_id] = future
+        Future.add_done_callback(future, functools.partial(self._record, task, future is fn))
+        future._stored = (text, row_id)  # type: ignore[attr-defined]
         return future
 
-    def _record(self, row_id: int, fn: Task, every: bool, future: Future[Any]) -> None:
-        """Store what the task could not: cancelled, or failed outside it (a pool broke)."""
-        future._retrieved = True  # type: ignore[attr-defined]  # kept: read it by key
-        try:
-            if future.cancelled():
-                self.store.finish(row_id, None)
-            elif (exc := future.exception()) is not None or every:
-                self.store.finish(row_id, _outcome(fn, exc, None if exc else future.result()))
-        except Exception:
-            self._logger.exception("could not store the outcome of task %s", _task_name(fn))
+    def _record(self, task: _StoredTask, added: bool, future: Future[Any]) -> None:
+        """Store what the task did not: a cancel, a stop, a pool's failure, an added future."""
+        future._retrieved = True  # type: ignore[attr-defined]  # kept for reads by key
+        if task.recorded and not added:
+            return
+        if future.cancelled():
+            outcome = None
+        else:
+            exc = future.exception()
+            outcome = _outcome(task.fn, exc, None if exc else future.result())
+        for delay in (0.1, 0.5, 2, 5, 0):  # the store may be away for a moment
+            try:
+                return self.store.finish(task.row_id, outcome)
+            except Exception:
+                if not delay:
+                    self._logger.exception(
+                        "could not store the outcome of %s: its key reads as unfinished",
+                        _task_name(task.fn),
+                    )
+                _sleep(delay)
 
     def get(self, future_key: Any, default: Any = None) -> Any:
         text = _TAGS.get(type(future_key), "?") + str(future_key)
         row = self.store.read(text)
-        return default if row is None else _StoredFuture(self, text, row)
+        return default if row is None else _StoredFuture(self, future_key, row)
 
     def __getitem__(self, future_key: Any) -> Future[Any]:
         future = self.get(future_key)
@@ -1253,11 +1297,8 @@ class _SharedFutures(FutureCollection):
         return future  # type: ignore[no-any-return]
 
     def pop(self, future_key: Any) -> Future[Any] | None:
-        text = _TAGS.get(type(future_key), "?") + str(future_key)
-        row = self.store.pop(text)
-        if row is None:
-            return None
-        return _StoredFuture(self, text if row[1] in (FINISHED, CANCELLED) else f"d:{row[0]}", row)
+        row = self.store.pop(_TAGS.get(type(future_key), "?") + str(future_key))
+        return None if row is None else _StoredFuture(self, future_key, row)
 
     def keys(self) -> list[Any]:
         texts = self.store.keys()
@@ -1267,8 +1308,12 @@ class _SharedFutures(FutureCollection):
         return len(self.store.keys())
 
     def __contains__(self, future: object) -> bool:
-        texts = self.store.keys()
-        return getattr(future, "_text", getattr(future, "_stored_text", None)) in texts
+        if isinstance(future, _StoredFuture):
+            stored: Any = (_TAGS.get(type(future._key), "?") + str(future._key), future._row_id)
+        else:
+            stored = getattr(future, "_stored", None)
+        row = None if stored is None else self.store.read(stored[0])
+        return row is not None and row[0] == stored[1]
 
     def values(self) -> list[Future[Any]]:
         return [future for _, future in self.items()]
@@ -1278,6 +1323,17 @@ class _SharedFutures(FutureCollection):
         return [(key, future) for key, future in futures if future is not None]
 
 
+def _shared_store(cls: type[FuturesStore], *args: Any) -> FuturesStore:
+    """A store unpickled in a worker process: one per process, opened on first use (so a
+    store that is away fails that task, not the worker process and its queue)."""
+    store = _STORES.get((cls, args))
+    if store is None:
+        store = _STORES[(cls, args)] = cls.__new__(cls)
+        store._setup(*args)  # type: ignore[attr-defined]
+    return store
+
+
+_STORES: dict[tuple[Any, ...], FuturesStore] = {}
 _NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "glusterfs")
 
 
@@ -1295,34 +1351,54 @@ def _filesystem(folder: str, table: str = "/proc/mounts") -> str:
 
 
 class SQLiteStore(FuturesStore):
-    """Rows in a SQLite file (WAL), shared by every process on one machine.
+    """Rows in a SQLite file (WAL), shared by the processes of one machine that share a pid
+    namespace (containers with their own pids cannot tell whether each other's are alive).
 
-    One connection per thread at a time, from a pool that a forked child does not inherit.
+    Connections come from a pool of this process's (a forked child opens its own), and are
+    opened again if the file is replaced. A locked database is waited for in short sleeps
+    that let gevent's other greenlets run.
     """
 
     def __init__(self, path: str, namespace: str = "") -> None:
-        self.path, self.namespace = os.path.abspath(path), namespace
+        self._setup(path, namespace)
         folder = os.path.dirname(self.path)
-        if not os.path.isdir(folder):
+        if not os.path.isdir(folder) or os.path.isdir(self.path):
+            what = "is a folder" if os.path.isdir(self.path) else "is in a missing folder"
             raise ValueError(
-                f"the folder of the SQLite futures store {self.path!r} does not exist: "
-                "create it, or set EXECUTOR_FUTURES_STORE to a path in an existing folder"
+                f"the SQLite futures store {self.path!r} {what}: set EXECUTOR_FUTURES_STORE "
+                "to a file path in an existing folder"
             )
-        kind = _filesystem(folder)
+        kind = _filesystem(os.path.realpath(folder))
         if kind in _NETWORK_FILESYSTEMS or kind.startswith("fuse"):
             raise ValueError(
                 f"the SQLite futures store {self.path!r} is on a {kind} filesystem, where "
                 "SQLite's locks are not reliable: put it on a local disk, or use redis://"
             )
-        self._pid = -1
+        self._run(lambda db: None)  # creates the file and its table now: errors at init_app
+
+    def _setup(self, path: str, namespace: str) -> None:
+        self.path, self.namespace = os.path.abspath(path), namespace
+        self._pid, self._inode = -1, -1
         self._idle: list[sqlite3.Connection] = []
         self._idle_lock = threading.Lock()  # guards _idle
         self._inherited: list[sqlite3.Connection] = []  # a parent's: kept, never used or closed
-        with self._db():  # creates the file and its table now: errors show at init_app
-            pass
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_shared_store, (type(self), self.path, self.namespace))
+
+    def _run(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        """``op(connection)``, again after a short sleep while the database is locked."""
+        delay, deadline = 0.001, time.monotonic() + 30
+        while True:
+            with self._db() as db:
+                try:
+                    return op(db)
+                except sqlite3.OperationalError as exc:
+                    busy = "locked" in str(exc) or "busy" in str(exc)
+                    if not busy or time.monotonic() > deadline:
+                        raise
+            _sleep(delay)
+            delay = min(delay * 2, 0.05)
 
     @contextlib.contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
@@ -1331,113 +1407,136 @@ class SQLiteStore(FuturesStore):
                 if self._pid != _pid:
                     self._inherited += self._idle
                     self._idle, self._idle_lock, self._pid = [], threading.Lock(), _pid
+        try:
+            inode = os.stat(self.path).st_ino
+        except OSError:
+            inode = -2
+        if inode != self._inode:  # replaced or deleted: open (create) it again
+            with self._idle_lock:
+                self._idle = []
         with self._idle_lock:
             db = self._idle.pop() if self._idle else None
         db = db or self._connect()
+        opened = self._inode
         try:
             yield db
         finally:
             if db.in_transaction:
                 db.rollback()
             with self._idle_lock:
-                self._idle.append(db)
+                if self._inode == opened:  # not the file replaced meanwhile
+                    self._idle.append(db)
 
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
+        db = sqlite3.connect(self.path, timeout=0.01, isolation_level=None, check_same_thread=False)
         # Several processes opening a new file at once: switching to WAL does not wait for
         # the others' locks, and may fail or leave the mode unchanged. Try again a while.
         for attempt in range(200):
             try:
                 if db.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal":
                     db.execute("PRAGMA synchronous=NORMAL")
-                    db.execute(_SCHEMA)
+                    db.executescript(_SCHEMA)
+                    self._inode = os.stat(self.path).st_ino
                     return db
                 error = "it did not switch to WAL"
             except sqlite3.OperationalError as exc:
                 if "locked" not in str(exc) and "busy" not in str(exc):
                     raise
                 error = str(exc)
-            time.sleep(random.uniform(0.005, 0.025) * min(attempt + 1, 4))
+            _sleep(random.uniform(0.005, 0.025) * min(attempt + 1, 4))
         raise RuntimeError(f"cannot open the SQLite futures store {self.path!r}: {error}")
 
     def claim(
         self, key: str, owner: str, task: str, max_length: int | None, ttl: float | None
     ) -> tuple[int, list[str]] | None:
+        return self._run(lambda db: self._claim(db, key, owner, task, max_length, ttl))
+
+    def _claim(
+        self, db: Any, key: str, owner: str, task: str, max_length: int | None, ttl: float | None
+    ) -> tuple[int, list[str]] | None:
         now, ns = time.time(), self.namespace
-        with self._db() as db:
-            db.execute("BEGIN IMMEDIATE")
-            if ttl is not None:
-                db.execute(
-                    "DELETE FROM executor_futures WHERE ns = ? AND state IN (?, ?) AND "
-                    "finished < ?",
-                    (ns, FINISHED, CANCELLED, now - ttl),
-                )
-            if db.execute(_SELECT + "key = ?", (ns, key)).fetchone():
-                return None  # _db() rolls back
-            count = db.execute(_COUNT, (ns,)).fetchone()[0]
-            dropped = []
-            while max_length is not None and count >= max_length:
-                row_id, old_key, state = db.execute(_OLDEST, (ns, FINISHED, CANCELLED)).fetchone()
-                db.execute("DELETE FROM executor_futures WHERE id = ?", (row_id,))
-                if state not in (FINISHED, CANCELLED) and not old_key.startswith("d:"):
-                    dropped.append(old_key)
-                count -= 1
-            row_id = db.execute(
-                "INSERT INTO executor_futures (ns, key, owner, task, state, created) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (ns, key, owner, task, PENDING, now),
-            ).lastrowid
-            db.execute("COMMIT")
-        return row_id or 0, dropped
+        db.execute("BEGIN IMMEDIATE")
+        db.execute(_DELETE + "key LIKE 'd:%' AND finished < ?", (ns, now - _POPPED_KEPT))
+        if ttl is not None:
+            db.execute(_DELETE + "key NOT LIKE 'd:%' AND finished < ?", (ns, now - ttl))
+        if db.execute(_SELECT + "key = ?", (ns, key)).fetchone():
+            return None  # _db() rolls back
+        count = db.execute(_COUNT, (ns,)).fetchone()[0]
+        dropped = []
+        while max_length is not None and count >= max_length:
+            row_id, old_key, state = db.execute(_OLDEST, (ns, FINISHED, CANCELLED)).fetchone()
+            db.execute("DELETE FROM executor_futures WHERE id = ?", (row_id,))
+            if state not in (FINISHED, CANCELLED):
+                dropped.append(old_key)
+            count -= 1
+        row_id = db.execute(
+            "INSERT INTO executor_futures (ns, key, owner, task, state) VALUES (?, ?, ?, ?, ?)",
+            (ns, key, owner, task, PENDING),
+        ).lastrowid
+        db.execute("COMMIT")
+        return row_id, dropped
 
     def start(self, row_id: int) -> bool:
-        with self._db() as db:
+        def start(db: sqlite3.Connection) -> bool:
             db.execute(_SET_STATE + "id = ? AND state = ?", (RUNNING, None, row_id, PENDING))
             row = db.execute("SELECT state FROM executor_futures WHERE id = ?", (row_id,))
-            return bool(row.fetchone() != (CANCELLED,))  # evicted (no row): the task still runs
+            return bool(row.fetchone() != (CANCELLED,))  # evicted (no row): it still runs
+
+        return self._run(start)
 
     def finish(self, row_id: int, outcome: bytes | None) -> None:
         state = CANCELLED if outcome is None else FINISHED
-        with self._db() as db:
-            db.execute(
-                "UPDATE executor_futures SET state = ?, outcome = ?, finished = ? "
-                "WHERE id = ? AND state IN (?, ?)",
-                (state, outcome, time.time(), row_id, PENDING, RUNNING),
-            )
+        self._run(lambda db: db.execute(
+            "UPDATE executor_futures SET state = ?, outcome = ?, finished = ? "
+            "WHERE id = ? AND state IN (?, ?)",
+            (state, outcome, time.time(), row_id, PENDING, RUNNING),
+        ))  # fmt: skip
+
+    def forget(self, row_id: int) -> None:
+        self._run(lambda db: db.execute("DELETE FROM executor_futures WHERE id = ?", (row_id,)))
 
     def read(self, key: str) -> Row | None:
-        with self._db() as db:
-            return db.execute(_SELECT + "key = ?", (self.namespace, key)).fetchone()  # type: ignore[no-any-return]
+        return self._select("key = ?", key)
 
-    def cancel(self, key: str) -> bool:
-        with self._db() as db:
+    def read_id(self, row_id: int) -> Row | None:
+        return self._select("id = ?", row_id)
+
+    def _select(self, where: str, value: Any) -> Row | None:
+        row = self._run(lambda db: db.execute(_SELECT + where, (self.namespace, value)).fetchone())
+        return row  # type: ignore[no-any-return]
+
+    def cancel(self, row_id: int) -> bool:
+        def cancel(db: sqlite3.Connection) -> bool:
             db.execute(
-                _SET_STATE + "ns = ? AND key = ? AND state = ?",
-                (CANCELLED, time.time(), self.namespace, key, PENDING),
+                _SET_STATE + "id = ? AND state = ?", (CANCELLED, time.time(), row_id, PENDING)
             )
-            row = db.execute(_SELECT + "key = ?", (self.namespace, key)).fetchone()
-        return row is not None and row[1] == CANCELLED
+            row = db.execute("SELECT state FROM executor_futures WHERE id = ?", (row_id,))
+            return bool(row.fetchone() == (CANCELLED,))
+
+        return self._run(cancel)
 
     def pop(self, key: str) -> Row | None:
-        with self._db() as db:
+        def pop(db: sqlite3.Connection) -> Row | None:
             db.execute("BEGIN IMMEDIATE")
             row = db.execute(_SELECT + "key = ?", (self.namespace, key)).fetchone()
-            if row is not None and row[1] in (FINISHED, CANCELLED):
-                db.execute("DELETE FROM executor_futures WHERE id = ?", (row[0],))
-            elif row is not None:
+            if row is not None:
                 db.execute(
                     "UPDATE executor_futures SET key = ? WHERE id = ?", (f"d:{row[0]}", row[0])
                 )
             db.execute("COMMIT")
-        return row  # type: ignore[no-any-return]
+            return row  # type: ignore[no-any-return]
+
+        return self._run(pop)
 
     def keys(self) -> list[str]:
-        with self._db() as db:
+        def keys(db: sqlite3.Connection) -> list[str]:
             rows = db.execute(
                 "SELECT key FROM executor_futures WHERE ns = ? AND key NOT LIKE 'd:%' ORDER BY id",
                 (self.namespace,),
             )
             return [key for (key,) in rows]
+
+        return self._run(keys)
 
     def alive(self, owner: str) -> bool:
         return _alive_here(owner) is not False  # another machine's: cannot tell, so alive
@@ -1446,25 +1545,16 @@ class SQLiteStore(FuturesStore):
 _SCHEMA = """CREATE TABLE IF NOT EXISTS executor_futures (
     id INTEGER PRIMARY KEY AUTOINCREMENT, ns TEXT NOT NULL, key TEXT NOT NULL,
     owner TEXT NOT NULL, task TEXT NOT NULL, state TEXT NOT NULL, outcome BLOB,
-    created REAL NOT NULL, finished REAL, UNIQUE (ns, key))"""
+    finished REAL, UNIQUE (ns, key));
+CREATE INDEX IF NOT EXISTS executor_futures_finished ON executor_futures (ns, finished);"""
 _SELECT = "SELECT id, state, owner, task, outcome FROM executor_futures WHERE ns = ? AND "
+_DELETE = "DELETE FROM executor_futures WHERE ns = ? AND "  # finished rows (NULL < x is not)
 _SET_STATE = "UPDATE executor_futures SET state = ?, finished = ? WHERE "
-_COUNT = "SELECT COUNT(*) FROM executor_futures WHERE ns = ?"
-_OLDEST = (  # finished rows first, then by age
-    "SELECT id, key, state FROM executor_futures WHERE ns = ? "
-    "ORDER BY state NOT IN (?, ?), id LIMIT 1"
+_COUNT = "SELECT COUNT(*) FROM executor_futures WHERE ns = ? AND key NOT LIKE 'd:%'"
+_OLDEST = (  # the first to finish, then the oldest unfinished (NULLs sort first: skip them)
+    "SELECT id, key, state FROM executor_futures WHERE ns = ? AND key NOT LIKE 'd:%' "
+    "ORDER BY state NOT IN (?, ?), finished, id LIMIT 1"
 )
-
-
-def _shared_store(cls: type[FuturesStore], *args: Any) -> FuturesStore:
-    """A store unpickled in a worker process: one per process, not one per task."""
-    store = _STORES.get((cls, args))
-    if store is None:
-        store = _STORES[(cls, args)] = cls(*args)
-    return store
-
-
-_STORES: dict[tuple[Any, ...], FuturesStore] = {}
 
 
 class RedisStore(FuturesStore):
@@ -1481,15 +1571,25 @@ class RedisStore(FuturesStore):
             raise ImportError(
                 f"the futures store {url!r} needs the redis package: pip install redis"
             ) from exc
-        self.url, self.namespace, self.lease = url, namespace, lease
-        self._redis = redis.Redis.from_url(url)  # its pool reconnects in a forked child
-        self._prefix = f"flask_executor:{namespace}:"
-        self._scripts = {name: self._redis.register_script(_LUA + body) for name, body in _OPS}
-        self._leased = -1  # the process whose lease is being renewed
+        self._setup(url, namespace, lease)
         try:
             self._redis.ping()
         except redis.RedisError as exc:
             raise ConnectionError(f"cannot reach the Redis futures store {url!r}: {exc}") from exc
+
+    def _setup(self, url: str, namespace: str, lease: float) -> None:
+        import redis
+
+        self.url, self.namespace, self.lease = url, namespace, lease
+        # A blocking pool: under gevent, many greenlets wait for a connection, not fail.
+        # Its connections are opened again in a forked child.
+        pool = redis.BlockingConnectionPool.from_url(
+            url, max_connections=50, timeout=30, socket_timeout=30, socket_connect_timeout=10
+        )
+        self._redis = redis.Redis(connection_pool=pool)
+        self._prefix = f"flask_executor:{namespace}:"
+        self._scripts = {name: self._redis.register_script(_LUA + body) for name, body in _OPS}
+        self._leased = -1  # the process whose lease is being renewed
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_shared_store, (type(self), self.url, self.namespace, self.lease))
@@ -1505,7 +1605,7 @@ class RedisStore(FuturesStore):
             self._renew(owner)
             threading.Thread(target=self._renew_forever, args=(owner,), daemon=True).start()
         limits = [-1 if max_length is None else max_length, -1 if ttl is None else ttl]
-        claimed = self._run("claim", key, owner, task, *limits, time.time())
+        claimed = self._run("claim", key, owner, task, *limits, time.time(), _POPPED_KEPT)
         if claimed is None:
             return None
         return int(claimed[0]), [key.decode() for key in claimed[1:]]
@@ -1526,11 +1626,17 @@ class RedisStore(FuturesStore):
         state = CANCELLED if outcome is None else FINISHED
         self._run("finish", row_id, state, outcome or b"", time.time())
 
+    def forget(self, row_id: int) -> None:
+        self._run("forget", row_id)
+
     def read(self, key: str) -> Row | None:
         return _row(self._run("read", key))
 
-    def cancel(self, key: str) -> bool:
-        return bool(self._run("cancel", key, time.time()))
+    def read_id(self, row_id: int) -> Row | None:
+        return _row(self._run("read_id", row_id))
+
+    def cancel(self, row_id: int) -> bool:
+        return bool(self._run("cancel", row_id, time.time()))
 
     def pop(self, key: str) -> Row | None:
         return _row(self._run("pop", key))
@@ -1552,98 +1658,106 @@ def _row(raw: list[Any] | None) -> Row | None:
     return int(row_id), state.decode(), owner.decode(), task.decode(), (outcome or [None])[0]
 
 
-# Redis: each operation is one Lua script (atomic). ARGV[1] is the namespace's prefix: P..'keys'
-# maps keys to row ids, P..'order' and P..'done' are the rows' ids (all, and the finished
-# ones) in order, and P..'row:'..id is a row's hash.
+# Redis: each operation is one Lua script (atomic). ARGV[1] is the namespace's prefix P:
+# P..'keys' maps keys to row ids; P..'row:'..id is a row's hash; the zsets P..'order' (keyed
+# rows by id), P..'done' (finished keyed rows) and P..'gone' (finished popped rows), the
+# last two by finish time.
 _LUA = """
 local p = ARGV[1]
+local function row(id) return p .. 'row:' .. id end
+local function fetch(id)
+  if not id then return false end
+  local r = redis.call('HMGET', row(id), 'state', 'owner', 'task', 'outcome')
+  if not r[1] then return false end
+  return {id, r[1], r[2], r[3], r[4]}
+end
 local function drop(id)
-  local k = redis.call('HGET', p .. 'row:' .. id, 'key')
-  if k and redis.call('HGET', p .. 'keys', k) == id then redis.call('HDEL', p .. 'keys', k) end
-  redis.call('DEL', p .. 'row:' .. id)
-  redis.call('ZREM', p .. 'order', id)
-  redis.call('ZREM', p .. 'done', id)
+  local k = redis.call('HGET', row(id), 'key')
+  if k and redis.call('HGET', p .. 'keys', k) == tostring(id) then
+    redis.call('HDEL', p .. 'keys', k)
+  end
+  redis.call('DEL', row(id))
+  for _, set in ipairs({'order', 'done', 'gone'}) do redis.call('ZREM', p .. set, id) end
   return k
 end
-local function find(key)
-  local id = redis.call('HGET', p .. 'keys', key)
-  if not id then return false end
-  local row = redis.call('HMGET', p .. 'row:' .. id, 'state', 'owner', 'task', 'outcome')
-  return {id, row[1], row[2], row[3], row[4]}
-end
-local function finish(id, state, outcome, now)
-  redis.call('HSET', p .. 'row:' .. id, 'state', state, 'outcome', outcome, 'finished', now)
-  redis.call('ZADD', p .. 'done', id, id)
+local function settle(id, state, outcome, now)
+  local s = redis.call('HGET', row(id), 'state')
+  if s ~= 'pending' and s ~= 'running' then return 0 end
+  redis.call('HSET', row(id), 'state', state, 'outcome', outcome, 'finished', now)
+  local popped = not redis.call('ZSCORE', p .. 'order', id)
+  redis.call('ZADD', p .. (popped and 'gone' or 'done'), now, id)
+  return 1
 end
 """
 _OPS = [
     (
         "claim",
         """
-if redis.call('HEXISTS', p .. 'keys', ARGV[2]) == 1 then return false end
-local max_length, ttl, now = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local key, max_length, ttl, now = ARGV[2], tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', p .. 'gone', '-inf', now - ARGV[8])) do
+  drop(id)
+end
 if ttl >= 0 then
-  for _, id in ipairs(redis.call('ZRANGE', p .. 'done', 0, -1)) do
-    if tonumber(redis.call('HGET', p .. 'row:' .. id, 'finished')) < now - ttl then drop(id) end
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', p .. 'done', '-inf', now - ttl)) do
+    drop(id)
   end
 end
+if redis.call('HEXISTS', p .. 'keys', key) == 1 then return false end
 local claimed = {0}
 local count = redis.call('ZCARD', p .. 'order')
 while max_length >= 0 and count >= max_length do
   local id = redis.call('ZRANGE', p .. 'done', 0, 0)[1]
   if id then drop(id) else
-    local k = drop(redis.call('ZRANGE', p .. 'order', 0, 0)[1])
-    if k and string.sub(k, 1, 2) ~= 'd:' then table.insert(claimed, k) end
+    table.insert(claimed, drop(redis.call('ZRANGE', p .. 'order', 0, 0)[1]))
   end
   count = count - 1
 end
-claimed[1] = redis.call('INCR', p .. 'id')
-redis.call('HSET', p .. 'row:' .. claimed[1], 'state', 'pending', 'owner', ARGV[3],
-           'task', ARGV[4], 'key', ARGV[2])
-redis.call('HSET', p .. 'keys', ARGV[2], claimed[1])
-redis.call('ZADD', p .. 'order', claimed[1], claimed[1])
+local id = redis.call('INCR', p .. 'id')
+redis.call('HSET', row(id), 'state', 'pending', 'owner', ARGV[3], 'task', ARGV[4], 'key', key)
+redis.call('HSET', p .. 'keys', key, id)
+redis.call('ZADD', p .. 'order', id, id)
+claimed[1] = id
 return claimed""",
     ),
     (
         "start",
         """
-local state = redis.call('HGET', p .. 'row:' .. ARGV[2], 'state')
-if state == 'pending' then redis.call('HSET', p .. 'row:' .. ARGV[2], 'state', 'running') end
+local state = redis.call('HGET', row(ARGV[2]), 'state')
+if state == 'pending' then redis.call('HSET', row(ARGV[2]), 'state', 'running') end
 return state ~= 'cancelled' and 1 or 0""",
     ),
-    (
-        "finish",
-        """
-local state = redis.call('HGET', p .. 'row:' .. ARGV[2], 'state')
-if state == 'pending' or state == 'running' then finish(ARGV[2], ARGV[3], ARGV[4], ARGV[5]) end""",
-    ),
-    ("read", "return find(ARGV[2])"),
+    ("finish", "return settle(ARGV[2], ARGV[3], ARGV[4], ARGV[5])"),
+    ("forget", "drop(ARGV[2])"),
+    ("read", "return fetch(redis.call('HGET', p .. 'keys', ARGV[2]))"),
+    ("read_id", "return fetch(ARGV[2])"),
     (
         "cancel",
         """
-local row = find(ARGV[2])
-if row and row[2] == 'pending' then finish(row[1], 'cancelled', '', ARGV[3]) return 1 end
-return row and row[2] == 'cancelled' and 1 or 0""",
+settle(ARGV[2], 'cancelled', '', ARGV[3])
+return redis.call('HGET', row(ARGV[2]), 'state') == 'cancelled' and 1 or 0""",
     ),
     (
         "pop",
         """
-local row = find(ARGV[2])
-if not row then return false end
-if row[2] == 'finished' or row[2] == 'cancelled' then drop(row[1]) else
-  redis.call('HDEL', p .. 'keys', ARGV[2])
-  redis.call('HSET', p .. 'keys', 'd:' .. row[1], row[1])
-  redis.call('HSET', p .. 'row:' .. row[1], 'key', 'd:' .. row[1])
+local id = redis.call('HGET', p .. 'keys', ARGV[2])
+local r = fetch(id)
+if not r then return false end
+redis.call('HDEL', p .. 'keys', ARGV[2])
+redis.call('HSET', row(id), 'key', 'd:' .. id)
+redis.call('ZREM', p .. 'order', id)
+local finished = redis.call('ZSCORE', p .. 'done', id)
+if finished then
+  redis.call('ZREM', p .. 'done', id)
+  redis.call('ZADD', p .. 'gone', finished, id)
 end
-return row""",
+return r""",
     ),
     (
         "keys",
         """
 local keys = {}
 for _, id in ipairs(redis.call('ZRANGE', p .. 'order', 0, -1)) do
-  local k = redis.call('HGET', p .. 'row:' .. id, 'key')
-  if k and string.sub(k, 1, 2) ~= 'd:' then table.insert(keys, k) end
+  table.insert(keys, redis.call('HGET', row(id), 'key'))
 end
 return keys""",
     ),

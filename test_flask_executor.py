@@ -19,6 +19,7 @@ import re
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -791,6 +792,150 @@ class TestSharedStores:
             assert executor.futures.result("r", timeout=TIMEOUT) == 16
             assert executor.futures.store.keys() == ["s:r"]  # the popped row is gone too
 
+    def test_a_view_keeps_reading_its_own_task_after_pop_and_reuse(self, make_executor, store_url):
+        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url, EXECUTOR_MAX_WORKERS=1)
+        EVENTS["reuse"] = release = threading.Event()
+        with app.app_context():
+            executor.submit_stored("k", str, "first").result(TIMEOUT)
+            view = executor.futures.get("k")
+            executor.futures.pop("k")
+            executor.submit_stored("k", str, "second").result(TIMEOUT)
+            assert view.result() == "first" and executor.futures.result("k") == "second"
+            blocker = executor.submit_stored("block", wait_event, "reuse")
+            executor.submit_stored("q", str, "old")
+            old = executor.futures.get("q")
+            executor.futures.pop("q")
+            new = executor.submit_stored("q", str, "new")
+            assert old.cancel() is True  # the popped task, still queued: not the new one
+            release.set()
+            assert new.result(TIMEOUT) == "new" and executor.futures.result("q") == "new"
+            assert old.cancelled() and blocker.result(TIMEOUT) == "reuse"
+
+    def test_a_reader_waiting_on_a_key_gets_its_result_though_another_pops_it(
+        self, make_executor, store_url
+    ):
+        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url)
+        EVENTS["waited"] = release = threading.Event()
+        STARTED.clear()
+        with app.app_context():
+            executor.submit_stored("w", wait_event, "waited")
+            assert STARTED.wait(TIMEOUT)
+            waiting = executor.futures.get("w")
+            reader = cf.ThreadPoolExecutor(1).submit(waiting.result, TIMEOUT)
+            popped = executor.futures.pop("w")  # popped while the reader waits
+            release.set()
+            assert reader.result(TIMEOUT) == "waited" and popped.result(TIMEOUT) == "waited"
+
+    def test_a_popped_running_future_is_not_dropped_by_the_bound(self, make_executor, store_url):
+        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url,
+                                      EXECUTOR_FUTURES_MAX_LENGTH=2)  # fmt: skip
+        EVENTS["kept"] = release = threading.Event()
+        STARTED.clear()
+        with app.app_context():
+            executor.submit_stored("r", wait_event, "kept")
+            assert STARTED.wait(TIMEOUT)
+            popped = executor.futures.pop("r")
+            for n in range(5):
+                executor.submit_stored(n, square, n).result(TIMEOUT)
+            assert len(executor.futures) == 2
+            release.set()
+            assert popped.result(TIMEOUT) == "kept"
+
+    def test_an_outcome_the_store_failed_to_take_is_stored_again(
+        self, make_executor, store_url, monkeypatch
+    ):
+        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url)
+        store = executor.futures.store
+        failures = [ConnectionError("the store is away")]
+        real_finish = store.finish
+
+        def finish(row_id, outcome):
+            if failures:
+                raise failures.pop()
+            real_finish(row_id, outcome)
+
+        monkeypatch.setattr(store, "finish", finish)
+        with app.app_context():
+            assert executor.submit_stored("k", square, 7).result(TIMEOUT) == 49  # not the error
+            assert executor.futures.result("k", timeout=TIMEOUT) == 49 and failures == []
+
+    def test_a_job_of_the_process_backend(self, executors, store_url):
+        app = make_app(JOBS_EXECUTOR_TYPE="process", JOBS_EXECUTOR_FUTURES_STORE=store_url)
+        job_executor.init_app(app)
+        executors.append(job_executor)
+        with app.app_context():
+            assert cube.submit_stored("job", 6).result(TIMEOUT) == 216
+            assert job_executor.futures.result("job", timeout=TIMEOUT) == 216
+
+    def test_a_failed_submit_leaves_the_key_free(self, make_executor, store_url):
+        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url)
+        with app.app_context():
+            executor.shutdown()
+            with pytest.raises(RuntimeError, match="after shutdown"):
+                executor.submit_stored("k", square, 1)
+            assert executor.futures.get("k") is None and executor.futures.keys() == []
+
+    def test_cancel_through_the_store_cancels_the_submitters_future(self, make_executor, store_url):
+        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url, EXECUTOR_MAX_WORKERS=1,
+                                      EXECUTOR_PROPAGATE_EXCEPTIONS=True)  # fmt: skip
+        EVENTS["local"] = release = threading.Event()
+        with app.app_context():
+            blocker = executor.submit_stored("a", wait_event, "local")
+            queued = executor.submit_stored("b", square, 2)
+            assert executor.futures.cancel("b") is True
+            release.set()
+            assert blocker.result(TIMEOUT) == "local"
+            cf.wait([queued], timeout=TIMEOUT)
+            assert queued.cancelled()
+
+    def test_a_replaced_file_is_opened_again_by_every_process(self, tmp_path):
+        url = f"sqlite:///{tmp_path}/futures.db"
+        first = Executor(make_app(EXECUTOR_FUTURES_STORE=url))
+        with first._apps[0]().app_context():
+            first.submit_stored("before", square, 1).result(TIMEOUT)
+            for name in ("futures.db", "futures.db-wal", "futures.db-shm"):
+                (tmp_path / name).unlink(missing_ok=True)
+            first.submit_stored("after", square, 2).result(TIMEOUT)
+            assert first.futures.keys() == ["after"]
+        second = Executor(make_app(EXECUTOR_FUTURES_STORE=url))  # as a new worker would
+        with second._apps[0]().app_context():
+            assert second.futures.keys() == ["after"] and second.futures.result("after") == 4
+        first.shutdown()
+        second.shutdown()
+
+    def test_a_store_unpickled_in_a_worker_opens_on_first_use(self, tmp_path):
+        dead = f"redis://127.0.0.1:{free_port()}/0"
+        pytest.importorskip("redis")
+        store = flask_executor._shared_store(flask_executor.RedisStore, dead, "ns", 15.0)
+        with pytest.raises(Exception, match=r"Connection refused|Error"):
+            store.read("s:k")  # the task that uses it fails, not the worker unpickling it
+        store = flask_executor._shared_store(flask_executor.SQLiteStore, str(tmp_path), "ns")
+        with pytest.raises(sqlite3.OperationalError):
+            store.read("s:k")
+
+    def test_the_process_pool_survives_a_store_gone_away(self, make_executor, tmp_path):
+        pytest.importorskip("redis")
+        port = free_port()
+        argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+        if shutil.which("redis-server") is None:
+            pytest.skip("redis-server is not installed")
+        server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, start_new_session=True)
+        try:
+            wait_until(lambda: subprocess.run(["redis-cli", "-p", str(port), "ping"],
+                                              capture_output=True).returncode == 0)  # fmt: skip
+            url = f"redis://127.0.0.1:{port}/0"
+            app, executor = make_executor(EXECUTOR_TYPE="process", EXECUTOR_FUTURES_STORE=url,
+                                          EXECUTOR_MAX_WORKERS=1)  # fmt: skip
+            with app.app_context():
+                assert executor.submit_stored("up", square, 2).result(TIMEOUT) == 4
+                server.kill()
+                server.wait(TIMEOUT)
+                plain = [executor.submit(square, n) for n in range(3)]
+                assert [f.result(TIMEOUT) for f in plain] == [0, 1, 4]  # no BrokenProcessPool
+        finally:
+            server.kill()
+            server.wait(TIMEOUT)
+
     def test_a_key_in_use_is_refused_and_nothing_queued(self, make_executor, store_url, tmp_path):
         app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url)
         log = str(tmp_path / "ran")
@@ -893,7 +1038,7 @@ class TestSharedStores:
     def test_stored_state_read_from_another_process(self, store_url, backend, tmp_path):
         """A task owned by one process, read by another: pending, running, then finished."""
         script = f"""
-            import sys
+            import concurrent.futures as cf
             from flask_executor import Executor
             from test_flask_executor import make_app, wait_for
             app = make_app(EXECUTOR_FUTURES_STORE={store_url!r}, EXECUTOR_TYPE={backend!r},
@@ -902,7 +1047,8 @@ class TestSharedStores:
             with app.app_context():
                 future = executor.submit_stored("x", wait_for, {str(tmp_path / "go")!r})
                 queued = executor.submit_stored("y", wait_for, {str(tmp_path / "go")!r})
-                print(future.result(60), type(queued.exception(60)).__name__, flush=True)
+                cf.wait([queued], timeout=60)
+                print(future.result(60), queued.cancelled(), flush=True)
         """
         owner = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], cwd=HERE,
                                  env={**os.environ, "PYTHONPATH": str(HERE)},
@@ -920,7 +1066,8 @@ class TestSharedStores:
                 assert executor.futures.result("x", timeout=TIMEOUT) == str(tmp_path / "go")
                 assert executor.futures.cancelled("y") is True
                 assert owner.wait(TIMEOUT) == 0
-                assert owner.stdout.read().split() == [str(tmp_path / "go"), "CancelledError"]
+                assert owner.stdout.read().split() == [str(tmp_path / "go"), "True"]  # its own
+                # future reads cancelled too, as if cancelled there
         finally:
             owner.kill()
             owner.wait()
@@ -955,6 +1102,7 @@ class TestSharedStores:
                 for key in ("orphan", "queued"):
                     exc = executor.futures.exception(key)
                     assert isinstance(exc, cf.BrokenExecutor)
+                    assert executor.futures.store.read(f"s:{key}")[1] == "finished"  # for all
                     assert f"{key!r} is lost" in str(exc) and f"/{pid}:" in str(exc)
                     assert "wait_for" in str(exc)
         finally:
@@ -1010,56 +1158,66 @@ class TestSharedStores:
 
 
 class DictStore(flask_executor.FuturesStore):
-    """A user's own store: the protocol's eight methods over a dict, in one process."""
+    """A user's own store: the protocol's methods over dicts, for one process (no limits)."""
 
     def __init__(self) -> None:
-        self.rows: dict[str, list] = {}  # key: [id, state, owner, task, outcome]
+        self.rows: dict[int, list] = {}  # id: [key, state, owner, task, outcome]
         self.ids = itertools.count(1)
         self.lock = threading.Lock()
 
-    def _by_id(self, row_id: int) -> list | None:
-        return next((row for row in self.rows.values() if row[0] == row_id), None)
+    def _id(self, key: str) -> int | None:
+        return next((i for i, row in self.rows.items() if row[0] == key), None)
+
+    def _row(self, row_id: int | None) -> tuple | None:
+        row = self.rows.get(row_id)
+        return None if row is None else (row_id, *row[1:])
 
     def claim(self, key, owner, task, max_length, ttl):
         with self.lock:
-            if key in self.rows:
+            if self._id(key) is not None:
                 return None
-            self.rows[key] = [next(self.ids), "pending", owner, task, None]
-            return self.rows[key][0], []
+            row_id = next(self.ids)
+            self.rows[row_id] = [key, "pending", owner, task, None]
+            return row_id, []
 
     def start(self, row_id):
         with self.lock:
-            row = self._by_id(row_id)
+            row = self.rows.get(row_id)
             if row is not None and row[1] == "pending":
                 row[1] = "running"
             return row is None or row[1] != "cancelled"
 
     def finish(self, row_id, outcome):
         with self.lock:
-            row = self._by_id(row_id)
+            row = self.rows.get(row_id)
             if row is not None and row[1] in ("pending", "running"):
                 row[1], row[4] = ("cancelled", None) if outcome is None else ("finished", outcome)
 
-    def read(self, key):
-        row = self.rows.get(key)
-        return None if row is None else tuple(row)
+    def forget(self, row_id):
+        self.rows.pop(row_id, None)
 
-    def cancel(self, key):
+    def read(self, key):
+        return self._row(self._id(key))
+
+    def read_id(self, row_id):
+        return self._row(row_id)
+
+    def cancel(self, row_id):
         with self.lock:
-            row = self.rows.get(key)
+            row = self.rows.get(row_id)
             if row is not None and row[1] == "pending":
                 row[1] = "cancelled"
             return row is not None and row[1] == "cancelled"
 
     def pop(self, key):
         with self.lock:
-            row = self.rows.pop(key, None)
-            if row is not None and row[1] in ("pending", "running"):
-                self.rows[f"d:{row[0]}"] = row
-            return None if row is None else tuple(row)
+            row_id = self._id(key)
+            if row_id is not None:
+                self.rows[row_id][0] = f"d:{row_id}"
+            return self._row(row_id)
 
     def keys(self):
-        return [key for key in self.rows if not key.startswith("d:")]
+        return [row[0] for row in self.rows.values() if not row[0].startswith("d:")]
 
     def alive(self, owner):
         return True
@@ -1076,7 +1234,7 @@ def test_a_store_of_your_own(make_executor):
         executor.submit_stored("bad", fail, "no")
         with pytest.raises(ValueError, match="no"):
             executor.futures.result("bad", timeout=TIMEOUT)
-        assert executor.futures.keys() == ["mine", "bad"] and store.rows["s:mine"][1] == "finished"
+        assert executor.futures.keys() == ["mine", "bad"] and store.read("s:mine")[1] == "finished"
         assert executor.futures.pop("mine").result() == 36 and executor.futures.pop("mine") is None
 
 
@@ -1108,7 +1266,14 @@ def boot_and_store(url: str, barrier: object, results: object, n: int) -> None:
 
 class TestStoreErrors:
     @pytest.mark.parametrize(
-        "url", ["sqlite://", "sqlite:///:memory:", "mysql://localhost/db", "futures.db"]
+        "url",
+        [
+            "sqlite://",
+            "sqlite:///:memory:",
+            "mysql://localhost/db",
+            "futures.db",
+            "sqlite:///f.db?mode=ro",
+        ],
     )
     def test_a_malformed_store_url(self, url):
         with pytest.raises(ValueError, match=r"EXECUTOR_FUTURES_STORE=.* is not a futures store"):
@@ -1116,7 +1281,7 @@ class TestStoreErrors:
 
     def test_a_missing_folder(self, tmp_path):
         url = f"sqlite:///{tmp_path}/missing/futures.db"
-        with pytest.raises(ValueError, match=r"folder of the SQLite futures store .* not exist"):
+        with pytest.raises(ValueError, match=r"SQLite futures store .* is in a missing folder"):
             Executor(make_app(EXECUTOR_FUTURES_STORE=url))
 
     def test_a_relative_path_lives_under_the_instance_path(self, tmp_path):
@@ -1125,6 +1290,16 @@ class TestStoreErrors:
         executor = Executor(app)
         assert (tmp_path / "instance" / "futures.db").exists()
         executor.shutdown()
+
+    def test_a_link_to_a_network_filesystem_is_refused(self, tmp_path, monkeypatch):
+        table, share = tmp_path / "mounts", tmp_path / "share"
+        share.mkdir()
+        (tmp_path / "link").symlink_to(share)
+        table.write_text(f"/dev/sda1 / ext4 rw 0 0\nserver:/export {share} nfs4 rw 0 0\n")
+        real = flask_executor._filesystem
+        monkeypatch.setattr(flask_executor, "_filesystem", lambda f: real(f, str(table)))
+        with pytest.raises(ValueError, match=r"is on a nfs4 filesystem"):
+            Executor(make_app(EXECUTOR_FUTURES_STORE=f"sqlite:///{tmp_path}/link/f.db"))
 
     @pytest.mark.parametrize("kind", ["nfs4", "cifs", "fuse.sshfs"])
     def test_a_network_filesystem_is_refused(self, tmp_path, monkeypatch, kind):
@@ -1141,6 +1316,15 @@ class TestStoreErrors:
         monkeypatch.setitem(sys.modules, "redis", None)
         with pytest.raises(ImportError, match="needs the redis package: pip install redis"):
             Executor(make_app(EXECUTOR_FUTURES_STORE="redis://127.0.0.1:1/0"))
+
+    def test_a_malformed_redis_url_names_the_key(self):
+        pytest.importorskip("redis")
+        with pytest.raises(ValueError, match=r"EXECUTOR_FUTURES_STORE='redis://127.0.0.1:x/0': "):
+            Executor(make_app(EXECUTOR_FUTURES_STORE="redis://127.0.0.1:x/0"))
+
+    def test_a_folder_given_as_the_sqlite_file(self, tmp_path):
+        with pytest.raises(ValueError, match=r"SQLite futures store .* is a folder"):
+            Executor(make_app(EXECUTOR_FUTURES_STORE=f"sqlite:///{tmp_path}"))
 
     def test_redis_unreachable(self):
         pytest.importorskip("redis")
