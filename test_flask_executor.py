@@ -1238,6 +1238,53 @@ def test_a_store_of_your_own(make_executor):
         assert executor.futures.pop("mine").result() == 36 and executor.futures.pop("mine") is None
 
 
+HOLD_LOCK = """
+import sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+time.sleep(1.5)
+db.execute("COMMIT")
+"""
+
+
+def test_gevent_keeps_running_while_sqlite_is_locked(tmp_path):
+    """A locked SQLite store is waited for in gevent sleeps: other greenlets keep running."""
+    pytest.importorskip("gevent")
+    url, path = f"sqlite:///{tmp_path}/futures.db", str(tmp_path / "futures.db")
+    result = run_script(
+        f"""
+        from gevent import monkey; monkey.patch_all()
+        import subprocess, sys, time, gevent
+        from flask_executor import Executor
+        from test_flask_executor import HOLD_LOCK, make_app, square
+        app = make_app(EXECUTOR_TYPE="gevent", EXECUTOR_FUTURES_STORE={url!r})
+        executor = Executor(app)
+        holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, {path!r}],
+                                  stdout=subprocess.PIPE, text=True)
+        assert holder.stdout.readline().strip() == "locked"
+        gaps, last = [], [time.monotonic()]
+        def tick():
+            while True:
+                gevent.sleep(0.01)
+                gaps.append(time.monotonic() - last[0])
+                last[0] = time.monotonic()
+        ticker = gevent.spawn(tick)
+        with app.app_context():
+            started = time.monotonic()
+            assert executor.submit_stored("k", square, 3).result(30) == 9
+            waited = time.monotonic() - started
+        ticker.kill()
+        holder.wait(30)
+        print(f"{{waited:.2f}} {{max(gaps, default=waited):.3f}}")  # no tick: blocked
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    waited, longest_gap = map(float, result.stdout.split())
+    assert waited > 1.0  # it did wait for the lock
+    assert longest_gap < 0.5, result.stdout  # and the hub ran other greenlets meanwhile
+
+
 def pop_all(url: str, count: int) -> list[tuple[str, int]]:
     """In another process: pop every key it can; return the ones it won."""
     app = make_app(EXECUTOR_FUTURES_STORE=url)
