@@ -1189,10 +1189,14 @@ class _StoredFuture(Future):  # type: ignore[type-arg]
         return super().cancelled()
 
     def cancel(self) -> bool:
+        """Cancel a task not started, from any process; stop one running in this process
+        (thread and gevent backends; another process's running task goes on)."""
+        local = self._futures._local.get(self._row_id)  # its task is this process's
         if self._state == "PENDING" and self._futures.store.cancel(self._row_id):
-            local = self._futures._local.get(self._row_id)  # queued in this process
             if local is not None:
                 Future.cancel(local)
+        elif local is not None:
+            local.cancel()  # stores the cancel, through its done-callback
         return self.cancelled()
 
     def result(self, timeout: float | None = None) -> Any:

@@ -2635,6 +2635,14 @@ class TestCancelRunning:
             idents = [executor.submit(wait_at_barrier, "whole") for _ in range(4)]
             assert len({f.result(TIMEOUT) for f in idents}) == 4
 
+    def test_cancel_by_key_stops_a_running_task_with_a_shared_store(self, make_executor, store_url):
+        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url)
+        with app.app_context():
+            local = executor.submit_stored("long", nap, 10)
+            wait_until(lambda: executor.futures.running("long"))
+            assert executor.futures.cancel("long") is True
+            assert executor.futures.cancelled("long") is True and local.cancelled()
+
     def test_process_backend_keeps_the_standard_answer(self, make_executor, tmp_path):
         app, executor = make_executor(EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=1)
         with app.app_context():
@@ -2643,6 +2651,32 @@ class TestCancelRunning:
             assert running.cancel() is False and not running.cancelled()
             (tmp_path / "go").touch()
             assert running.result(TIMEOUT) == str(tmp_path / "go")
+
+
+def test_readme_pebble_recipe(executors):
+    pytest.importorskip("pebble")
+    readme_recipe("pebble")
+    try:
+        app = make_app(EXECUTOR_TYPE="pebble", EXECUTOR_TIMEOUT="0.5", EXECUTOR_MAX_WORKERS=2)
+        executor = Executor(app)
+        executors.append(executor)
+        with app.app_context():
+            futures = [executor.submit(maybe_overrun, n) for n in range(10)]
+            for n, future in enumerate(futures):
+                if n % 5 == 4:
+                    assert isinstance(future.exception(TIMEOUT), cf.TimeoutError)
+                else:
+                    assert future.result(TIMEOUT) == n * n
+        app = make_app(EXECUTOR_TYPE="pebble", EXECUTOR_MAX_WORKERS=1)
+        executor = Executor(app)
+        executors.append(executor)
+        with app.app_context():
+            running = executor.submit(nap, 10)
+            wait_until(running.running)
+            assert running.cancel() is True and running.cancelled()
+            assert executor.submit(square, 3).result(TIMEOUT) == 9  # a new worker serves
+    finally:
+        flask_executor.BACKENDS.pop("pebble", None)
 
 
 def test_limits_and_cancel_under_gevent_monkey_patching():
