@@ -315,15 +315,26 @@ def _with_alarm(limit: float | None, fn: Task, args: Any, kwargs: Any) -> Any:
     tasks in its main thread, where signal handlers run: the worker and its queue live on."""
     if limit is None:
         return fn(*args, **kwargs)
+    if type(fn) is _StoredTask:  # time its function, not its store writes
+        return fn.run(lambda *a, **k: _with_alarm(limit, fn.fn, a, k), args, kwargs)
     signal.signal(signal.SIGALRM, _alarm)
-    try:
-        signal.setitimer(signal.ITIMER_REAL, limit)
-        return fn(*args, **kwargs)
+    returned, result = False, None
+    try:  # one alarm at most: wherever it lands, a handler here disarms (as _stoppable)
+        try:
+            signal.setitimer(signal.ITIMER_REAL, limit)
+            result = fn(*args, **kwargs)
+            returned = True
+        finally:
+            _until_done(_stop_alarm)
     except _TimedOut:
-        pass
-    finally:
-        _until_done(lambda: signal.setitimer(signal.ITIMER_REAL, 0))
-    raise TaskTimeout(_task_name(fn), limit)
+        _until_done(_stop_alarm)
+        if not returned:
+            raise TaskTimeout(_task_name(fn), limit) from None
+    return result
+
+
+def _stop_alarm() -> None:
+    signal.setitimer(signal.ITIMER_REAL, 0)
 
 
 def _alarm(signum: int, frame: Any) -> None:
@@ -456,7 +467,12 @@ Captured = tuple[
 def _run_task(captured: Captured, /, *args: Any, **kwargs: Any) -> Any:
     """Run a task in the captured variables (entered once: a task runs once)."""
     app, context, g_attrs, push, fn = captured[:5]
-    return context.run(_in_app_context, app, g_attrs, push, captured, fn, args, kwargs)
+    stop = _running[id(captured)] = _Stopper()  # from now on cancel() can stop it
+    try:
+        task = (stop, captured[6])
+        return context.run(_in_app_context, app, g_attrs, push, task, fn, args, kwargs)
+    finally:
+        del _running[id(captured)]
 
 
 def _run_callback(captured: Captured, fn: Callback, future: Future[Any]) -> None:
@@ -479,7 +495,7 @@ def _in_app_context(
     app: Flask,
     g_attrs: dict[str, Any] | None,
     push: bool,
-    task: Captured | None,
+    task: tuple[_Stopper, float | None] | None,
     fn: Task,
     args: Any,
     kwargs: Any,
@@ -492,7 +508,7 @@ def _in_app_context(
     stopped (a time limit, cancel()) and teardown functions run, once, after it.
     """
     if not push:
-        return fn(*args, **kwargs) if task is None else _stoppable(task, fn, args, kwargs)
+        return fn(*args, **kwargs) if task is None else _stoppable(*task, fn, args, kwargs)
     app_ctx = _fresh_context(app, _cv_app.get(None))
     if g_attrs:
         app_ctx.g.__dict__.update(g_attrs)
@@ -501,7 +517,7 @@ def _in_app_context(
     try:
         if appcontext_pushed.receivers:
             appcontext_pushed.send(app, _async_wrapper=app.ensure_sync)
-        return fn(*args, **kwargs) if task is None else _stoppable(task, fn, args, kwargs)
+        return fn(*args, **kwargs) if task is None else _stoppable(*task, fn, args, kwargs)
     except BaseException as exc:
         error = exc
         raise
@@ -552,24 +568,33 @@ class _Cancelled(_StopTask):
     pass
 
 
-_running: dict[int, _Stopper] = {}  # id(captured) of each running task: how to stop it
+_running: dict[int, _Stopper] = {}  # id(captured) of each task started here: how to stop it
 _stop_lock = threading.Lock()  # guards every _Stopper's state
 
 
-def _stoppable(task: Captured, fn: Task, args: Any, kwargs: Any) -> Any:
-    """Call a task's function where it can be stopped; the stop leaves as a public error."""
-    stopper = _running[id(task)] = _Stopper()
+def _stoppable(stopper: _Stopper, limit: float | None, fn: Task, args: Any, kwargs: Any) -> Any:
+    """Call a task's function where it can be stopped; the stop leaves as a public error.
+
+    One stop at most is ever raised in the task, and only between arm() and disarm():
+    wherever it lands there, a handler below catches it, and disarms."""
+    if type(fn) is _StoredTask:  # stop its function, not its store writes
+        return fn.run(lambda *a, **k: _stoppable(stopper, limit, fn.fn, a, k), args, kwargs)
+    returned, result = False, None
     try:
-        stopper.arm(task[6])
-        return fn(*args, **kwargs)
+        try:
+            stopper.arm(limit)
+            result = fn(*args, **kwargs)
+            returned = True
+        finally:
+            _until_done(stopper.disarm)
     except _StopTask:
-        pass
-    finally:
-        del _running[id(task)]
-        _until_done(stopper.disarm)
-    if stopper.fired is _TimedOut:
-        raise TaskTimeout(_task_name(fn), task[6])  # type: ignore[arg-type]
-    raise concurrent.futures.CancelledError(f"background task {_task_name(fn)} was cancelled")
+        _until_done(stopper.disarm)  # it landed before disarm() took effect
+        if returned:  # the task had returned: it keeps its result
+            return result
+        if stopper.fired is _TimedOut:
+            raise TaskTimeout(_task_name(fn), limit or 0) from None
+        raise concurrent.futures.CancelledError(f"task {_task_name(fn)} was cancelled") from None
+    return result
 
 
 def _until_done(disarm: Callable[[], object]) -> None:
@@ -586,7 +611,7 @@ class _Stopper:
     """How to stop one running task: its thread or greenlet, and whether it is in fn."""
 
     def __init__(self) -> None:
-        self.inside = False  # in the task's function: a stop may be raised now
+        self.inside = False  # in the task's function: a stop is raised there now
         self.over = False  # the function has returned or raised: too late to stop it
         self.fired: type[_StopTask] | None = None
         self.thread = threading.get_ident()
@@ -596,27 +621,35 @@ class _Stopper:
         self.greenlet: Any = current if getattr(current, "parent", None) is not None else None
 
     def arm(self, limit: float | None) -> None:
-        with _stop_lock:
-            self.inside = True
-            if self.fired is not None:  # cancelled between start and here
-                raise self.fired
+        """Start the time limit, then let a stop be raised (not in the watchdog's lock)."""
         if limit is not None and self.greenlet is not None:
             self.timer = self.greenlet.parent.loop.timer(limit)
             self.timer.start(self.stop, _TimedOut)
         elif limit is not None:
             _watchdog().add(time.monotonic() + limit, self)
+        with _stop_lock:
+            self.inside = True
+            stopped = self.fired  # before it was inside: nothing was raised in it yet
+        if stopped is not None:
+            raise stopped
 
-    def stop(self, reason: type[_StopTask]) -> bool:
-        """Stop the task if it has not finished; False if it has, or was stopped already."""
+    def stop(self, reason: type[_StopTask], send: bool = True) -> bool:
+        """Stop the task unless it has finished: False if it has (or its timeout fired and
+        this is not a cancel, which then takes over). ``send=False``: the caller raises."""
         with _stop_lock:
             if self.over or self.fired is not None:
-                return False
+                return not self.over and reason is _Cancelled
             self.fired = reason
-            if self.inside and self.greenlet is not None:
+            if self.inside and send and self.greenlet is not None:
                 self.greenlet.parent.loop.run_callback_threadsafe(self._throw)
-            elif self.inside:
+            elif self.inside and send:
                 _raise_in_thread(self.thread, reason)
         return True
+
+    def is_current(self) -> bool:
+        if self.greenlet is not None:
+            return self.greenlet is sys.modules["gevent"].getcurrent()
+        return self.thread == threading.get_ident()
 
     def _throw(self) -> None:  # in the greenlet's hub: the greenlet is waiting
         if self.inside and not self.over:
@@ -660,6 +693,13 @@ class _Watchdog(threading.Thread):
 
     def run(self) -> None:
         while True:
+            try:
+                self._stop_next()
+            except Exception:  # a stopper's failure must not end the watchdog
+                logging.getLogger(__name__).exception("time limit watchdog")
+
+    def _stop_next(self) -> None:
+        while True:
             with self.changed:
                 while self.due and self.due[0][2].over:
                     heapq.heappop(self.due)
@@ -678,7 +718,7 @@ def _watchdog() -> _Watchdog:
     """This process's watchdog, started on first use (again in a forked child)."""
     global _the_watchdog
     with _fork_lock:
-        if _the_watchdog is None or _the_watchdog.pid != _pid:
+        if _the_watchdog is None or _the_watchdog.pid != _pid or not _the_watchdog.is_alive():
             _the_watchdog = _Watchdog()
             _the_watchdog.start()
         return _the_watchdog
@@ -741,13 +781,20 @@ class _ContextFuture(Future):  # type: ignore[type-arg]
         if super().cancel():
             return True
         stopper = _running.get(id(self._captured)) if self._captured else None
-        if stopper is None or not stopper.stop(_Cancelled):
+        if stopper is None:
             return self.cancelled()
-        return self._cancel_running()
+        own = stopper.is_current()  # the task cancels itself: it stops right here
+        if not self._cancel_running(lambda: stopper.stop(_Cancelled, send=not own)):
+            return False
+        if own and stopper.inside:
+            raise _Cancelled
+        return True
 
-    def _cancel_running(self) -> bool:
+    def _cancel_running(self, stop: Callable[[], bool]) -> bool:
+        """Mark a running future cancelled if ``stop()`` succeeds: under the future's lock,
+        so the task's own outcome, stored by the pool, waits and is then dropped."""
         with self._condition:
-            if self._state != "RUNNING":  # it finished first
+            if self._state != "RUNNING" or not stop():  # it finished first
                 return self.cancelled()
             self._stopped, self._state = True, "CANCELLED_AND_NOTIFIED"
             for waiter in self._waiters:
@@ -764,7 +811,7 @@ class _ContextFuture(Future):  # type: ignore[type-arg]
                 raise
 
     def set_exception(self, exception: BaseException | None) -> None:
-        if isinstance(exception, _NotStarted) and self._cancel_running():
+        if isinstance(exception, _NotStarted) and self._cancel_running(lambda: True):
             return  # cancelled through the shared store before it started: cancelled here too
         try:
             super().set_exception(exception)
@@ -1117,11 +1164,15 @@ class _StoredTask:
         self.recorded = False  # this copy stored the outcome (in a process worker: its copy)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.run(self.fn, args, kwargs)
+
+    def run(self, call: Task, args: Any, kwargs: Any) -> Any:
+        """``call(*args, **kwargs)``: the task's function, or it where it can be stopped."""
         if not self.store.start(self.row_id):
             raise _NotStarted(f"stored future {self.future_key!r} was cancelled")
         try:
-            result = self.fn(*args, **kwargs)
-        except _StopTask:  # becomes a TaskTimeout or a cancel: stored by the owner
+            result = call(*args, **kwargs)
+        except concurrent.futures.CancelledError:  # stopped by cancel(): the owner stores it
             raise
         except BaseException as exc:
             self._record(_outcome(self.fn, exc))

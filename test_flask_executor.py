@@ -2652,6 +2652,125 @@ class TestCancelRunning:
             assert running.result(TIMEOUT) == str(tmp_path / "go")
 
 
+def spin(seconds: float, n: int = 0) -> int:
+    """Busy for ``seconds`` in pure Python: stoppable at any instruction."""
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        pass
+    return n
+
+
+@pytest.fixture
+def switch_often():
+    """Threads switch every microsecond: races between a task and its stopper show up."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(interval)
+
+
+class TestStopRaces:
+    """Each of these failed before the fixes that followed a prober's report."""
+
+    @pytest.mark.parametrize("push", [True, False])
+    def test_tasks_ending_at_the_deadline_never_leak_the_private_stop(
+        self, make_executor, switch_often, push
+    ):
+        app, executor = make_executor(EXECUTOR_TIMEOUT="0.002", EXECUTOR_MAX_WORKERS=2,
+                                      EXECUTOR_PUSH_APP_CONTEXT=push)  # fmt: skip
+        with app.app_context():
+            futures = [executor.submit(spin, 0.0015 + (n % 10) * 0.0001, n) for n in range(3000)]
+            kinds = {type(f.exception(TIMEOUT)).__name__ for f in futures}
+            executor.shutdown(wait=True)
+        assert kinds <= {"NoneType", "TaskTimeout"}
+        assert flask_executor._running == {}
+
+    def test_process_tasks_ending_at_the_deadline_never_leak_the_private_stop(self, make_executor):
+        config = {"EXECUTOR_START_METHOD": "fork", "EXECUTOR_MAX_WORKERS": 2}
+        app, executor = make_executor(EXECUTOR_TYPE="process", EXECUTOR_TIMEOUT="0.001", **config)
+        with app.app_context():
+            futures = [executor.submit(spin, 0.0008 + (n % 5) * 0.0001, n) for n in range(6000)]
+            kinds = {type(f.exception(TIMEOUT)).__name__ for f in futures}
+        assert kinds <= {"NoneType", "TaskTimeout"} and not executor._self._broken
+
+    def test_cancels_racing_starts_leave_time_limits_working(self, make_executor, switch_often):
+        app, executor = make_executor(EXECUTOR_TIMEOUT="100", EXECUTOR_MAX_WORKERS=8)
+        with app.app_context():
+            futures = [executor.submit(int, n) for n in range(2000)]
+            answers = []
+            for future in futures:
+                while not (future.running() or future.done()):
+                    pass
+                answers.append(future.cancel())
+            _, pending = cf.wait(futures, timeout=TIMEOUT)
+            assert not pending
+            for future, answer in zip(futures, answers):  # cancel() says what happened
+                assert future.cancelled() is answer
+        app, executor = make_executor(EXECUTOR_TIMEOUT="0.2")  # the watchdog still serves
+        with app.app_context(), pytest.raises(flask_executor.TaskTimeout):
+            executor.submit(spin, 5).result(TIMEOUT)
+
+    def test_stored_outcomes_agree_with_the_submitters_future(self, make_executor, tmp_path):
+        store = f"sqlite:///{tmp_path}/f.db"
+        config = {"EXECUTOR_FUTURES_MAX_LENGTH": None, "EXECUTOR_FUTURES_STORE": store}
+        app, executor = make_executor(EXECUTOR_TIMEOUT="0.004", EXECUTOR_MAX_WORKERS=2, **config)
+        with app.app_context():
+            futures = [executor.submit_stored(n, spin, 0.0035, n) for n in range(600)]
+            for n, future in enumerate(futures):
+                local = type(future.exception(TIMEOUT)).__name__
+                stored = type(executor.futures.exception(n, timeout=TIMEOUT)).__name__
+                assert local == stored, (n, local, stored)
+
+    def test_a_task_stuck_past_its_limit_can_still_be_cancelled(self, make_executor):
+        app, executor = make_executor(EXECUTOR_TIMEOUT="0.2", EXECUTOR_MAX_WORKERS=1)
+        EVENTS["stuck"] = release = threading.Event()
+        with app.app_context():
+            stuck = executor.submit(wait_event, "stuck")  # blocked in C: the stop waits
+            with pytest.raises(cf.TimeoutError, match="did not finish"):
+                stuck.result(0.6)
+            assert stuck.cancel() is True and stuck.cancelled()
+            release.set()
+            assert executor.submit(square, 2).result(TIMEOUT) == 4
+
+    @pytest.mark.parametrize("backend", STOPPABLE)
+    def test_a_task_cancelling_itself_stops_there(self, make_executor, backend):
+        app, executor = limited(make_executor, backend)
+        box: dict[str, object] = {}
+
+        def cancel_myself() -> str:
+            wait_until(lambda: "future" in box)
+            box["cancel"] = "did not return"
+            box["cancel"] = box["future"].cancel()
+            return "went on"
+
+        with app.app_context():
+            box["future"] = future = executor.submit(cancel_myself)
+            with pytest.raises(cf.CancelledError):
+                future.result(TIMEOUT)
+            executor.shutdown(wait=True)
+        assert future.cancelled() and box["cancel"] == "did not return"
+
+    def test_cancel_while_the_context_is_being_pushed(self, make_executor):
+        from flask.signals import appcontext_pushed
+
+        app, executor = make_executor()
+        pushing = threading.Event()
+
+        def slow_receiver(sender: Flask, **extra: object) -> None:
+            pushing.set()
+            time.sleep(0.3)
+
+        ran: list[str] = []
+        with appcontext_pushed.connected_to(slow_receiver, app), app.app_context():
+            future = executor.submit(ran.append, "ran")
+            assert pushing.wait(TIMEOUT) and future.running()
+            assert future.cancel() is True
+            with pytest.raises(cf.CancelledError):
+                future.result(TIMEOUT)
+            executor.shutdown(wait=True)
+        assert ran == [] and future.cancelled()
+
+
 def test_readme_pebble_recipe(executors):
     pytest.importorskip("pebble")
     readme_recipe("pebble")
