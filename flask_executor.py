@@ -586,7 +586,10 @@ def _stoppable(stopper: _Stopper, limit: float | None, fn: Task, args: Any, kwar
             result = fn(*args, **kwargs)
             returned = True
         finally:
-            _until_done(stopper.disarm)
+            try:
+                stopper.disarm()
+            except _StopTask:  # landed in disarm() before it took effect: once more
+                _until_done(stopper.disarm)
     except _StopTask:
         _until_done(stopper.disarm)  # it landed before disarm() took effect
         if returned:  # the task had returned: it keeps its result
@@ -609,6 +612,8 @@ def _until_done(disarm: Callable[[], object]) -> None:
 
 class _Stopper:
     """How to stop one running task: its thread or greenlet, and whether it is in fn."""
+
+    __slots__ = ("fired", "greenlet", "inside", "over", "thread", "timer")
 
     def __init__(self) -> None:
         self.inside = False  # in the task's function: a stop is raised there now
@@ -662,6 +667,7 @@ class _Stopper:
                 _raise_in_thread(self.thread, None)  # withdraw a stop not raised yet
         if self.timer is not None:
             self.timer.close()
+            self.timer = None
 
 
 def _raise_in_thread(thread: int, exc: type[BaseException] | None) -> None:
