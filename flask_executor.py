@@ -318,19 +318,9 @@ def _with_alarm(limit: float | None, fn: Task, args: Any, kwargs: Any) -> Any:
     if type(fn) is _StoredTask:  # time its function, not its store writes
         return fn.run(lambda *a, **k: _with_alarm(limit, fn.fn, a, k), args, kwargs)
     signal.signal(signal.SIGALRM, _alarm)
-    returned, result = False, None
-    try:  # one alarm at most: wherever it lands, a handler here disarms (as _stoppable)
-        try:
-            signal.setitimer(signal.ITIMER_REAL, limit)
-            result = fn(*args, **kwargs)
-            returned = True
-        finally:
-            _until_done(_stop_alarm)
-    except _TimedOut:
-        _until_done(_stop_alarm)
-        if not returned:
-            raise TaskTimeout(_task_name(fn), limit) from None
-    return result
+    arm = functools.partial(signal.setitimer, signal.ITIMER_REAL, limit)  # one alarm at most
+    error = functools.partial(TaskTimeout, _task_name(fn), limit)
+    return _guarded(arm, _stop_alarm, error, fn, args, kwargs)
 
 
 def _stop_alarm() -> None:
@@ -579,24 +569,41 @@ def _stoppable(stopper: _Stopper, limit: float | None, fn: Task, args: Any, kwar
     wherever it lands there, a handler below catches it, and disarms."""
     if type(fn) is _StoredTask:  # stop its function, not its store writes
         return fn.run(lambda *a, **k: _stoppable(stopper, limit, fn.fn, a, k), args, kwargs)
+
+    def error() -> BaseException:
+        if stopper.fired is _TimedOut:
+            return TaskTimeout(_task_name(fn), limit or 0)
+        return concurrent.futures.CancelledError(f"task {_task_name(fn)} was cancelled")
+
+    return _guarded(lambda: stopper.arm(limit), stopper.disarm, error, fn, args, kwargs)
+
+
+def _guarded(
+    arm: Callable[[], object],
+    disarm: Callable[[], object],
+    error: Callable[[], BaseException],
+    fn: Task,
+    args: Any,
+    kwargs: Any,
+) -> Any:
+    """fn between arm() and disarm(), where one _StopTask at most may be raised: wherever
+    it lands, it is caught here, disarm() completes, and it becomes error(), unless fn had
+    returned (then fn keeps its result)."""
     returned, result = False, None
     try:
         try:
-            stopper.arm(limit)
+            arm()
             result = fn(*args, **kwargs)
             returned = True
         finally:
             try:
-                stopper.disarm()
+                disarm()
             except _StopTask:  # landed in disarm() before it took effect: once more
-                _until_done(stopper.disarm)
+                _until_done(disarm)
     except _StopTask:
-        _until_done(stopper.disarm)  # it landed before disarm() took effect
-        if returned:  # the task had returned: it keeps its result
-            return result
-        if stopper.fired is _TimedOut:
-            raise TaskTimeout(_task_name(fn), limit or 0) from None
-        raise concurrent.futures.CancelledError(f"task {_task_name(fn)} was cancelled") from None
+        _until_done(disarm)  # it landed before disarm() took effect
+        if not returned:
+            raise error() from None
     return result
 
 
