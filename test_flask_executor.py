@@ -738,6 +738,15 @@ STARTED = threading.Event()
 EVENTS: dict[str, threading.Event] = {}
 
 
+def start_blocked(executor: Executor, key: str) -> threading.Event:
+    """Store a thread task that blocks; return, once it runs, the Event that releases it."""
+    EVENTS[key] = release = threading.Event()
+    STARTED.clear()
+    executor.submit_stored(key, wait_event, key)
+    assert STARTED.wait(TIMEOUT)
+    return release
+
+
 class TestSharedStores:
     @pytest.mark.parametrize("backend", ["thread", "process", "gevent"])
     def test_reads_by_key_match_a_local_future(self, make_executor, store_url, backend):
@@ -779,18 +788,15 @@ class TestSharedStores:
 
     def test_pop_of_a_running_task_resolves_when_it_finishes(self, make_executor, store_url):
         app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url)
-        EVENTS["popped"] = release = threading.Event()
-        STARTED.clear()
         with app.app_context():
-            executor.submit_stored("r", wait_event, "popped")
-            assert STARTED.wait(TIMEOUT)
+            release = start_blocked(executor, "r")
             popped = executor.futures.pop("r")
             assert popped.running() and executor.futures.get("r") is None
             executor.submit_stored("r", square, 4)  # the key is free again at once
             release.set()
-            assert popped.result(TIMEOUT) == "popped"
+            assert popped.result(TIMEOUT) == "r"
             assert executor.futures.result("r", timeout=TIMEOUT) == 16
-            assert executor.futures.store.keys() == ["s:r"]  # the popped row is gone too
+            assert executor.futures.store.keys() == ["s:r"]  # the new row holds the key
 
     def test_a_view_keeps_reading_its_own_task_after_pop_and_reuse(self, make_executor, store_url):
         app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url, EXECUTOR_MAX_WORKERS=1)
@@ -815,31 +821,25 @@ class TestSharedStores:
         self, make_executor, store_url
     ):
         app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url)
-        EVENTS["waited"] = release = threading.Event()
-        STARTED.clear()
         with app.app_context():
-            executor.submit_stored("w", wait_event, "waited")
-            assert STARTED.wait(TIMEOUT)
+            release = start_blocked(executor, "w")
             waiting = executor.futures.get("w")
             reader = cf.ThreadPoolExecutor(1).submit(waiting.result, TIMEOUT)
             popped = executor.futures.pop("w")  # popped while the reader waits
             release.set()
-            assert reader.result(TIMEOUT) == "waited" and popped.result(TIMEOUT) == "waited"
+            assert reader.result(TIMEOUT) == "w" and popped.result(TIMEOUT) == "w"
 
     def test_a_popped_running_future_is_not_dropped_by_the_bound(self, make_executor, store_url):
         app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url,
                                       EXECUTOR_FUTURES_MAX_LENGTH=2)  # fmt: skip
-        EVENTS["kept"] = release = threading.Event()
-        STARTED.clear()
         with app.app_context():
-            executor.submit_stored("r", wait_event, "kept")
-            assert STARTED.wait(TIMEOUT)
+            release = start_blocked(executor, "r")
             popped = executor.futures.pop("r")
             for n in range(5):
                 executor.submit_stored(n, square, n).result(TIMEOUT)
             assert len(executor.futures) == 2
             release.set()
-            assert popped.result(TIMEOUT) == "kept"
+            assert popped.result(TIMEOUT) == "r"
 
     def test_an_outcome_the_store_failed_to_take_is_stored_again(
         self, make_executor, store_url, monkeypatch
