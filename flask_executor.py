@@ -1073,6 +1073,11 @@ def _key_text(future_key: Any) -> str:
     return f"{tag}{future_key}"
 
 
+def _read_key(future_key: Any) -> str:
+    """The stored text a read looks for: a key no store keeps (a tuple) matches nothing."""
+    return _TAGS.get(type(future_key), "?") + str(future_key)
+
+
 def _key_of(text: str) -> Any:
     return int(text[2:]) if text.startswith("i:") else text[2:]
 
@@ -1354,8 +1359,7 @@ class _SharedFutures(FutureCollection):
                 _sleep(delay)
 
     def get(self, future_key: Any, default: Any = None) -> Any:
-        text = _TAGS.get(type(future_key), "?") + str(future_key)
-        row = self.store.read(text)
+        row = self.store.read(_read_key(future_key))
         return default if row is None else _StoredFuture(self, future_key, row)
 
     def __getitem__(self, future_key: Any) -> Future[Any]:
@@ -1365,7 +1369,7 @@ class _SharedFutures(FutureCollection):
         return future  # type: ignore[no-any-return]
 
     def pop(self, future_key: Any) -> Future[Any] | None:
-        row = self.store.pop(_TAGS.get(type(future_key), "?") + str(future_key))
+        row = self.store.pop(_read_key(future_key))
         return None if row is None else _StoredFuture(self, future_key, row)
 
     def keys(self) -> list[Any]:
@@ -1377,7 +1381,7 @@ class _SharedFutures(FutureCollection):
 
     def __contains__(self, future: object) -> bool:
         if isinstance(future, _StoredFuture):
-            stored: Any = (_TAGS.get(type(future._key), "?") + str(future._key), future._row_id)
+            stored: Any = (_read_key(future._key), future._row_id)
         else:
             stored = getattr(future, "_stored", None)
         row = None if stored is None else self.store.read(stored[0])
