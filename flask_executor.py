@@ -39,7 +39,6 @@ import os
 import pickle
 import random
 import re
-import signal
 import socket
 import sqlite3
 import sys
@@ -72,6 +71,7 @@ __all__ = [
     "TaskTimeout",
     "ThreadBackend",
     "register_backend",
+    "stop_requested",
 ]
 
 T = TypeVar("T")
@@ -132,7 +132,10 @@ class Config:
         return number
 
     def seconds(self, key: str) -> float | None:
-        """A number of seconds > 0, or None; strings such as ``'2.5'`` are accepted."""
+        """A number of seconds > 0 and at most a day, or None; ``'2.5'`` is accepted.
+
+        A day is the cap: longer limits are a mistake, and far beyond it no timer can
+        wait (threading.TIMEOUT_MAX, time stamps out of range)."""
         value = self.get(key)
         if value is None or str(value).strip().lower() in ("", "none"):
             return None
@@ -140,9 +143,10 @@ class Config:
             number = 0.0 if isinstance(value, bool) else float(str(value).strip())
         except ValueError:
             number = 0.0
-        if not 0 < number < float("inf"):
+        if not 0 < number <= 86400:
             raise ValueError(
-                f"{self.prefix}{key} must be a number of seconds > 0 or None, got {value!r}"
+                f"{self.prefix}{key} must be a number of seconds > 0 (at most 86400, a day) "
+                f"or None, got {value!r}"
             )
         return number
 
@@ -241,17 +245,31 @@ class ProcessBackend(Backend):
                 f"platform; choose one of {multiprocessing.get_all_start_methods()}"
             )
         limit = config.seconds("EXECUTOR_TIMEOUT")
-        if limit is not None and not hasattr(signal, "setitimer"):
-            raise ValueError(f"{config.prefix}EXECUTOR_TIMEOUT needs signal.setitimer (POSIX)")
         return _ProcessPool(max_workers, multiprocessing.get_context(method), limit)
 
 
 class _ProcessPool(concurrent.futures.ProcessPoolExecutor):
-    """A process pool that refuses, with the reason, what cannot reach a worker process."""
+    """A process pool that refuses, with the reason, what cannot reach a worker process,
+    and that can ask a running task to stop (see "Time limits and stopping a task").
+
+    Two arrays in shared memory, written without locks (each slot has one writer at a time):
+    ``_starts`` holds, for task number n, (n, when it started) at slot n % _STARTS (written
+    by the worker that runs it); ``_stops`` holds the numbers of the running tasks asked to
+    stop (written by this process, one slot per running task at most, freed when the task's
+    late outcome comes back)."""
 
     def __init__(self, max_workers: int | None, mp_context: Any, limit: float | None) -> None:
-        super().__init__(max_workers, mp_context=mp_context, initializer=_exit_with_owner)
+        slots = (max_workers or os.cpu_count() or 1) + 2  # running, plus the one queued extra
+        self._stops, self._starts = mp_context.RawArray("q", slots), None
+        if limit is not None:  # only a pool with a limit pays for knowing when tasks start
+            self._starts = mp_context.RawArray("d", 2 * _STARTS)
+        shared = (self._stops, self._starts)
+        super().__init__(
+            max_workers, mp_context=mp_context, initializer=_init_worker, initargs=shared
+        )
         self._limit = limit
+        self._numbers = itertools.count(1)  # task numbers; 0 marks a free slot
+        self._stops_lock = threading.Lock()  # guards choosing a free slot in _stops
         # The pool pickles calls in its queue's feeder thread and fails the future with the
         # bare pickling error; name the object that failed instead (CPython 3.9+ hook).
         queue: Any = self._call_queue  # type: ignore[attr-defined]
@@ -265,12 +283,40 @@ class _ProcessPool(concurrent.futures.ProcessPoolExecutor):
             raise TypeError(_unpicklable(fn, "a lambda or nested function has no importable name"))
         if isinstance(getattr(inspect.unwrap(fn), "__self__", None), Flask):
             raise TypeError(_unpicklable(fn, "it is a bound method of the Flask app"))
-        return super().submit(_in_fresh_context, self._limit, fn, *args, **kwargs)
+        number = next(self._numbers)
+        future = super().submit(_in_fresh_context, number, self._limit, fn, *args, **kwargs)
+        future.__class__ = _ContextFuture
+        future._ask = functools.partial(self._ask_to_stop, number)  # type: ignore[attr-defined]
+        if self._limit is not None:
+            started = functools.partial(self._started, number)
+            _watchdog().add(_Limit(future, started, fn, self._limit))
+        return future
+
+    def _started(self, number: int) -> float | None:
+        """When task ``number`` started in a worker, or None if it has not (yet)."""
+        starts: Any = self._starts
+        slot = 2 * (number % _STARTS)
+        when = starts[slot + 1]
+        return when if starts[slot] == number else None
+
+    def _ask_to_stop(self, number: int, future: Future[Any]) -> None:
+        with self._stops_lock:
+            slot = next((i for i, n in enumerate(self._stops) if n == 0), None)
+            if slot is not None:  # else: more stopped tasks than can run, which cannot be
+                self._stops[slot] = number
+                future._release = functools.partial(self._stops.__setitem__, slot, 0)  # type: ignore[attr-defined]
 
 
-def _exit_with_owner() -> None:
-    """Each worker's initializer: exit soon after the process owning the pool dies (a
-    gunicorn worker killed on --timeout), instead of waiting on its queue forever."""
+_STARTS = 4096  # task start times kept by the process pool: far more than run at once
+_worker_shared: tuple[Any, Any] = (None, None)  # a worker's (stops, starts) arrays
+
+
+def _init_worker(stops: Any, starts: Any) -> None:
+    """Each worker's initializer: keep the shared arrays, and exit soon after the process
+    owning the pool dies (a gunicorn worker killed on --timeout), instead of waiting on its
+    queue forever."""
+    global _worker_shared
+    _worker_shared = (stops, starts)
     owner = multiprocessing.parent_process()
     if owner is not None:
         threading.Thread(target=_exit_when_gone, args=(owner,), daemon=True).start()
@@ -281,14 +327,18 @@ def _exit_when_gone(owner: multiprocessing.process.BaseProcess) -> None:
     os._exit(1)
 
 
-def _in_fresh_context(limit: float | None, fn: Task, /, *args: Any, **kwargs: Any) -> Any:
+def _in_fresh_context(
+    number: int, limit: float | None, fn: Task, /, *args: Any, **kwargs: Any
+) -> Any:
     """Run a process task in empty context variables (a worker started by fork holds a copy
-    of whatever request was active in the thread that forked it: not the task's), within
-    its time limit, and make sure what it returns or raises can reach the web process."""
+    of whatever request was active in the thread that forked it: not the task's), where
+    stop_requested() answers for it, and make sure what it returns or raises can reach the
+    web process."""
     from multiprocessing.reduction import ForkingPickler
 
+    task = _WorkerTask(number, limit, fn)
     try:
-        result = contextvars.Context().run(_with_alarm, limit, fn, args, kwargs)
+        result = contextvars.Context().run(_call_in_worker, task, fn, args, kwargs)
     except BaseException as exc:
         try:
             pickle.loads(ForkingPickler.dumps(exc))
@@ -310,25 +360,12 @@ def _in_fresh_context(limit: float | None, fn: Task, /, *args: Any, **kwargs: An
 _PLAIN = {type(None), bool, int, float, str, bytes}  # results that always pickle
 
 
-def _with_alarm(limit: float | None, fn: Task, args: Any, kwargs: Any) -> Any:
-    """Call fn, stopped by an alarm signal past ``limit`` seconds. A worker process runs its
-    tasks in its main thread, where signal handlers run: the worker and its queue live on."""
-    if limit is None:
-        return fn(*args, **kwargs)
-    if type(fn) is _StoredTask:  # time its function, not its store writes
-        return fn.run(lambda *a, **k: _with_alarm(limit, fn.fn, a, k), args, kwargs)
-    signal.signal(signal.SIGALRM, _alarm)
-    arm = functools.partial(signal.setitimer, signal.ITIMER_REAL, limit)  # one alarm at most
-    error = functools.partial(TaskTimeout, _task_name(fn), limit)
-    return _guarded(arm, _stop_alarm, error, fn, args, kwargs)
-
-
-def _stop_alarm() -> None:
-    signal.setitimer(signal.ITIMER_REAL, 0)
-
-
-def _alarm(signum: int, frame: Any) -> None:
-    raise _TimedOut
+def _call_in_worker(task: _WorkerTask, fn: Task, args: Any, kwargs: Any) -> Any:
+    _current.set(task)
+    error = task.finish()
+    if error is not None:  # cancelled while it waited in the call queue: never started
+        raise error
+    return _call(task, fn, args, kwargs)
 
 
 def _name_unpicklable(
@@ -416,14 +453,15 @@ class _GeventExecutor(concurrent.futures.Executor):
             self._pool.join()
 
 
-def _run_in_future(future: Future[Any], fn: Task, args: tuple[Any, ...], kwargs: Any) -> None:
+def _run_in_future(future: Any, fn: Task, args: tuple[Any, ...], kwargs: Any) -> None:
     if not future.set_running_or_notify_cancel():
         return
+    future._greenlet = sys.modules["gevent"].getcurrent()  # where a stop is thrown in
     try:
         result = fn(*args, **kwargs)
     except BaseException as exc:
         future.set_exception(exc)
-        future = None  # type: ignore[assignment]  # the traceback holds this frame: no cycle
+        future = None  # the traceback holds this frame: no cycle
     else:
         future.set_result(result)
 
@@ -445,34 +483,66 @@ def register_backend(name: str, backend: Backend) -> None:
 # -- 3. Contexts -------------------------------------------------------------------
 
 
-# What a task keeps of its submitter, captured at submit (kept to a tuple: submit is the
-# request path): (app, a copy of the context variables, a copy of g's attributes or None,
-# whether to push a fresh app context, the task itself, the process that submitted it,
-# its time limit in seconds or None).
-Captured = tuple[
-    Flask, contextvars.Context, Optional[dict[str, Any]], bool, Task, int, Optional[float]
-]
+class _Task:
+    """What a task keeps of its submitter, captured at submit, and its stop state.
+
+    ``stopped`` is how its future was stopped (a factory of the TaskTimeout or
+    CancelledError it got), ``over`` that its function has returned or raised: whichever is
+    set first wins, under _stop_lock, so a task that returned is never reported stopped.
+    """
+
+    __slots__ = ("app", "context", "fn", "g_attrs", "inside", "limit", "over", "pid", "push",
+                 "started", "stopped")  # fmt: skip
+
+    def __init__(self, app: Flask, g_attrs: dict[str, Any] | None, push: bool, fn: Task,
+                 limit: float | None) -> None:  # fmt: skip
+        self.app, self.g_attrs, self.push, self.fn, self.limit = app, g_attrs, push, fn, limit
+        # the copied variables hold the request, the session and the caller's own variables
+        self.context, self.pid = contextvars.copy_context(), _pid
+        self.started: float | None = None
+        self.stopped: Callable[[], BaseException] | None = None
+        self.over = self.inside = False
+
+    def stop_requested(self) -> bool:
+        if self.stopped is not None:
+            return True
+        limit, started = self.limit, self.started
+        return limit is not None and started is not None and time.monotonic() >= started + limit
+
+    def stop(self, error: Callable[[], BaseException]) -> bool:
+        """Mark it stopped with ``error``; False if its function had already ended."""
+        with _stop_lock:
+            if self.over or self.stopped is not None:
+                return False
+            self.stopped = error
+            return True
+
+    def finish(self) -> BaseException | None:
+        """Mark its function ended: None, or the error its future got if stopped first
+        (past its limit, it is: the watchdog may not have run yet)."""
+        with _stop_lock:
+            if self.stopped is None and self.limit is not None and self.stop_requested():
+                self.stopped = functools.partial(TaskTimeout, _task_name(self.fn), self.limit)
+            self.over = self.stopped is None
+        return None if self.stopped is None else self.stopped()
 
 
-def _run_task(captured: Captured, /, *args: Any, **kwargs: Any) -> Any:
+def _run_task(task: _Task, /, *args: Any, **kwargs: Any) -> Any:
     """Run a task in the captured variables (entered once: a task runs once)."""
-    app, context, g_attrs, push, fn = captured[:5]
-    stop = _running[id(captured)] = _Stopper()  # from now on cancel() can stop it
-    try:
-        task = (stop, captured[6])
-        return context.run(_in_app_context, app, g_attrs, push, task, fn, args, kwargs)
-    finally:
-        del _running[id(captured)]
+    if task.limit is not None:
+        task.started = time.monotonic()
+    return task.context.run(_in_app_context, task, True, task.fn, args, kwargs)
 
 
-def _run_callback(captured: Captured, fn: Callback, future: Future[Any]) -> None:
+def _run_callback(task: _Task, fn: Callback, future: Future[Any]) -> None:
     """Run a done-callback as its task ran; any exception is logged, never raised: a
     SystemExit raised here would end the pool's thread, and every task queued behind it."""
-    app, context, g_attrs, push, task = captured[:5]
     try:
-        context.copy().run(_in_app_context, app, g_attrs, push, None, fn, (future,), {})
+        task.context.copy().run(_in_app_context, task, False, fn, (future,), {})
     except BaseException:
-        app.logger.exception("done-callback %r of background task %s raised", fn, _task_name(task))
+        task.app.logger.exception(
+            "done-callback %r of background task %s raised", fn, _task_name(task.fn)
+        )
 
 
 def _task_name(fn: object) -> str:
@@ -481,39 +551,34 @@ def _task_name(fn: object) -> str:
     return f"{getattr(fn, '__module__', None)}.{name}" if isinstance(name, str) else repr(fn)
 
 
-def _in_app_context(
-    app: Flask,
-    g_attrs: dict[str, Any] | None,
-    push: bool,
-    task: tuple[_Stopper, float | None] | None,
-    fn: Task,
-    args: Any,
-    kwargs: Any,
-) -> Any:
-    """Call fn in a fresh app context of app, its g filled from g_attrs.
+def _in_app_context(task: _Task, is_task: bool, fn: Task, args: Any, kwargs: Any) -> Any:
+    """Call fn in a fresh app context of the task's app, its g filled from what was captured.
 
     Runs in the submitter's copied variables, where ``_cv_app`` still holds its context.
     Pushed and popped as Flask does (signals; a nested ``with`` of the same context inside
-    the task tears nothing down). For a ``task`` (not one of its done-callbacks), fn can be
-    stopped (a time limit, cancel()) and teardown functions run, once, after it.
+    the task tears nothing down). For the task itself (not one of its done-callbacks),
+    stop_requested() answers for it, and teardown functions run, once, after it.
     """
-    if not push:
-        return fn(*args, **kwargs) if task is None else _stoppable(*task, fn, args, kwargs)
+    if is_task:
+        _current.set(task)
+    if not task.push:
+        return _call(task, fn, args, kwargs) if is_task else fn(*args, **kwargs)
+    app = task.app
     app_ctx = _fresh_context(app, _cv_app.get(None))
-    if g_attrs:
-        app_ctx.g.__dict__.update(g_attrs)
+    if task.g_attrs:
+        app_ctx.g.__dict__.update(task.g_attrs)
     _enter(app_ctx)
     error: BaseException | None = None
     try:
         if appcontext_pushed.receivers:
             appcontext_pushed.send(app, _async_wrapper=app.ensure_sync)
-        return fn(*args, **kwargs) if task is None else _stoppable(*task, fn, args, kwargs)
+        return _call(task, fn, args, kwargs) if is_task else fn(*args, **kwargs)
     except BaseException as exc:
         error = exc
         raise
     finally:
         try:
-            if task is not None:
+            if is_task:
                 _teardown(app_ctx, error)
         finally:
             error = None  # the traceback holds this frame: no cycle keeping the task alive
@@ -522,18 +587,26 @@ def _in_app_context(
                 appcontext_popped.send(app, _async_wrapper=app.ensure_sync)
 
 
-# Stopping one running thread or gevent task: past its time limit (EXECUTOR_TIMEOUT), or on
-# future.cancel(). A private BaseException is raised inside the task's function only (so
-# `except Exception` in task code does not swallow it), and becomes the public error as it
-# leaves: TaskTimeout, or CancelledError. In a thread, it is raised asynchronously (CPython's
-# PyThreadState_SetAsyncExc: at the next bytecode, so not inside a blocking C call such as
-# time.sleep until that returns); in a greenlet, thrown in at its next switch, as gevent's
-# kill does. It is armed only while the function runs: never in teardown, a callback or the
-# pool's code, and a task that returned just as its time ran out keeps its result.
+# Time limits and stopping a task (EXECUTOR_TIMEOUT, future.cancel()).
+#
+# Nothing is ever raised into a running thread or process at an arbitrary instruction: an
+# exception injected there (PyThreadState_SetAsyncExc, a signal handler that raises) can land
+# between a lock's acquire() and the try: that releases it, in the task's code or the
+# standard library's (logging's handler lock, queue.Queue), and hang the whole process. So:
+# - the future is made done at once, by whoever stops it: cancel() in the caller's thread,
+#   or at the limit the watchdog thread (one per process; it only resolves futures);
+# - the task is asked to stop: stop_requested() turns True in it (thread: its _Task; process:
+#   a _WorkerTask reading the pool's shared memory); a task that never asks runs to its end,
+#   and its late outcome is dropped (logged at INFO);
+# - a gevent task is also killed for real: the stop is thrown in at its next switch (as
+#   gevent's kill), only while it is inside its own function, never in our code around it.
+# Locks, in the order they are taken: a Future's _condition, then _stop_lock (held for a
+# few assignments only). The watchdog's `changed` is never held while a future is touched.
+# After a fork: _stop_lock is made anew, and the watchdog is started again on first use.
 
 
 class TaskTimeout(concurrent.futures.TimeoutError):
-    """A task ran past its time limit (EXECUTOR_TIMEOUT) and was stopped."""
+    """A task ran past its time limit (EXECUTOR_TIMEOUT): its future was stopped."""
 
     def __init__(self, task: str, limit: float) -> None:
         super().__init__(
@@ -546,182 +619,141 @@ class TaskTimeout(concurrent.futures.TimeoutError):
         return (type(self), (self.task, self.limit))
 
 
-class _StopTask(BaseException):
-    """Raised inside a running task to stop it."""
+_current: contextvars.ContextVar[Any] = contextvars.ContextVar(f"{__name__}.task")
+_stop_lock = threading.Lock()  # guards every _Task's stopped and over
 
 
-class _TimedOut(_StopTask):
-    pass
+def stop_requested() -> bool:
+    """True inside a task once its time limit has passed or it was cancelled.
+
+    Long tasks check it in their loops and return early: nothing else stops a thread or
+    process task. False outside a task, and in a task nobody asked to stop.
+    """
+    task = _current.get(None)
+    return task is not None and task.stop_requested()
 
 
-class _Cancelled(_StopTask):
-    pass
+class _Stop(BaseException):
+    """Thrown into a gevent task to kill it; it leaves the task as its public stop error."""
 
 
-_running: dict[int, _Stopper] = {}  # id(captured) of each task started here: how to stop it
-_stop_lock = threading.Lock()  # guards every _Stopper's state
-
-
-def _stoppable(stopper: _Stopper, limit: float | None, fn: Task, args: Any, kwargs: Any) -> Any:
-    """Call a task's function where it can be stopped; the stop leaves as a public error.
-
-    One stop at most is ever raised in the task, and only between arm() and disarm():
-    wherever it lands there, a handler below catches it, and disarms."""
-    if type(fn) is _StoredTask:  # stop its function, not its store writes
-        return fn.run(lambda *a, **k: _stoppable(stopper, limit, fn.fn, a, k), args, kwargs)
-
-    def error() -> BaseException:
-        if stopper.fired is _TimedOut:
-            return TaskTimeout(_task_name(fn), limit or 0)
-        return concurrent.futures.CancelledError(f"task {_task_name(fn)} was cancelled")
-
-    return _guarded(lambda: stopper.arm(limit), stopper.disarm, error, fn, args, kwargs)
-
-
-def _guarded(
-    arm: Callable[[], object],
-    disarm: Callable[[], object],
-    error: Callable[[], BaseException],
-    fn: Task,
-    args: Any,
-    kwargs: Any,
-) -> Any:
-    """fn between arm() and disarm(), where one _StopTask at most may be raised: wherever
-    it lands, it is caught here, disarm() completes, and it becomes error(), unless fn had
-    returned (then fn keeps its result)."""
-    returned, result = False, None
+def _call(task: _Task | _WorkerTask, fn: Task, args: Any, kwargs: Any) -> Any:
+    """Call a task's function, then claim its end: if it was stopped first, raise the
+    error its future got (so teardown sees it, and a stored task stores nothing)."""
+    if type(fn) is _StoredTask:  # marks its row; stops only its function, not its writes
+        return fn.run(task, args, kwargs)
+    if task.stopped is not None:  # cancelled while its context was pushed
+        raise task.stopped()
+    task.inside = True
     try:
-        try:
-            arm()
-            result = fn(*args, **kwargs)
-            returned = True
-        finally:
-            try:
-                disarm()
-            except _StopTask:  # landed in disarm() before it took effect: once more
-                _until_done(disarm)
-    except _StopTask:
-        _until_done(disarm)  # it landed before disarm() took effect
-        if not returned:
-            raise error() from None
-    return result
+        result = fn(*args, **kwargs)
+    except BaseException:
+        task.inside = False
+        error = task.finish()
+        if error is None:
+            raise
+        raise error from None
+    task.inside = False
+    error = task.finish()
+    if error is None:
+        return result
+    raise error
 
 
-def _until_done(disarm: Callable[[], object]) -> None:
-    """Call ``disarm``, again if a stop raised in it before it could take effect."""
-    while True:
-        try:
-            disarm()
-            return
-        except _StopTask:
-            continue
+class _WorkerTask:
+    """A process task, as its worker sees it: asked to stop through the pool's shared memory."""
+
+    __slots__ = ("deadline", "inside", "limit", "name", "number", "stopped")
+
+    def __init__(self, number: int, limit: float | None, fn: Task) -> None:
+        self.number, self.limit, self.name = number, limit, fn
+        self.deadline = None if limit is None else time.monotonic() + limit
+        self.stopped: Callable[[], BaseException] | None = None
+        self.inside = False
+        starts = _worker_shared[1]
+        if starts is not None:  # the start first, then the number: a reader checks it
+            slot = 2 * (number % _STARTS)
+            starts[slot + 1], starts[slot] = time.monotonic(), number
+
+    def stop_requested(self) -> bool:
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return True
+        stops = _worker_shared[0]
+        return stops is not None and self.number in stops[:]
+
+    def finish(self) -> BaseException | None:
+        """None, or the error its future got in the web process if it was stopped."""
+        if not self.stop_requested():
+            return None
+        if self.limit is not None and self.deadline and time.monotonic() >= self.deadline:
+            self.stopped = functools.partial(TaskTimeout, _task_name(self.name), self.limit)
+        else:
+            self.stopped = functools.partial(_cancelled_error, self.name)
+        return self.stopped()
 
 
-class _Stopper:
-    """How to stop one running task: its thread or greenlet, and whether it is in fn."""
-
-    __slots__ = ("fired", "greenlet", "inside", "over", "thread", "timer")
-
-    def __init__(self) -> None:
-        self.inside = False  # in the task's function: a stop is raised there now
-        self.over = False  # the function has returned or raised: too late to stop it
-        self.fired: type[_StopTask] | None = None
-        self.thread = threading.get_ident()
-        self.timer: Any = None
-        gevent = sys.modules.get("gevent")
-        current = gevent.getcurrent() if gevent is not None else None
-        self.greenlet: Any = current if getattr(current, "parent", None) is not None else None
-
-    def arm(self, limit: float | None) -> None:
-        """Start the time limit, then let a stop be raised (not in the watchdog's lock)."""
-        if limit is not None and self.greenlet is not None:
-            self.timer = self.greenlet.parent.loop.timer(limit)
-            self.timer.start(self.stop, _TimedOut)
-        elif limit is not None:
-            _watchdog().add(time.monotonic() + limit, self)
-        with _stop_lock:
-            self.inside = True
-            stopped = self.fired  # before it was inside: nothing was raised in it yet
-        if stopped is not None:
-            raise stopped
-
-    def stop(self, reason: type[_StopTask], send: bool = True) -> bool:
-        """Stop the task unless it has finished: False if it has (or its timeout fired and
-        this is not a cancel, which then takes over). ``send=False``: the caller raises."""
-        with _stop_lock:
-            if self.over or self.fired is not None:
-                return not self.over and reason is _Cancelled
-            self.fired = reason
-            if self.inside and send and self.greenlet is not None:
-                self.greenlet.parent.loop.run_callback_threadsafe(self._throw)
-            elif self.inside and send:
-                _raise_in_thread(self.thread, reason)
-        return True
-
-    def is_current(self) -> bool:
-        if self.greenlet is not None:
-            return self.greenlet is sys.modules["gevent"].getcurrent()
-        return self.thread == threading.get_ident()
-
-    def _throw(self) -> None:  # in the greenlet's hub: the greenlet is waiting
-        if self.inside and not self.over:
-            self.greenlet.throw(self.fired)
-
-    def disarm(self) -> None:
-        with _stop_lock:
-            self.inside, self.over = False, True
-            if self.fired is not None and self.greenlet is None:
-                _raise_in_thread(self.thread, None)  # withdraw a stop not raised yet
-        if self.timer is not None:
-            self.timer.close()
-            self.timer = None
+def _cancelled_error(fn: object) -> BaseException:
+    return concurrent.futures.CancelledError(f"background task {_task_name(fn)} was cancelled")
 
 
-def _raise_in_thread(thread: int, exc: type[BaseException] | None) -> None:
-    import ctypes
+class _Limit:
+    """One task's time limit, as the watchdog keeps it: counted from the task's start."""
 
-    exc_object = None if exc is None else ctypes.py_object(exc)  # None: NULL, which clears
-    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread), exc_object)
+    __slots__ = ("error", "future", "limit", "started")
+
+    def __init__(self, future: Future[Any], started: Callable[[], float | None], fn: Task,
+                 limit: float) -> None:  # fmt: skip
+        self.future, self.started, self.limit = future, started, limit
+        self.error = functools.partial(TaskTimeout, _task_name(fn), limit)
+
+    def check(self) -> float | None:
+        """Stop the task if its time is up; else when to look again (None: never)."""
+        if self.future.done():
+            return None
+        started, now = self.started(), time.monotonic()
+        if started is None:  # not started yet: its limit cannot end before now + limit
+            return now + self.limit
+        if now < started + self.limit:
+            return started + self.limit
+        self.future._stop(self.error)  # type: ignore[attr-defined]
+        return None
 
 
 class _Watchdog(threading.Thread):
-    """One thread per process that stops thread tasks past their time limits."""
+    """One thread per process that makes futures done at their time limits."""
 
     def __init__(self) -> None:
         super().__init__(name=f"{__name__} time limits", daemon=True)
         self.pid = _pid
-        self.due: list[tuple[float, int, _Stopper]] = []  # a heap: the earliest first
+        self.due: list[tuple[float, int, _Limit]] = []  # a heap: the earliest first
         self.count = itertools.count()
-        self.prune_at = 256
         self.changed = threading.Condition()  # guards due
 
-    def add(self, deadline: float, stopper: _Stopper) -> None:
+    def add(self, limit: _Limit, when: float | None = None) -> None:
+        when = time.monotonic() + limit.limit if when is None else when
         with self.changed:
-            heapq.heappush(self.due, (deadline, next(self.count), stopper))
-            if len(self.due) > self.prune_at:  # tasks that finished in time, long before
-                self.due = [entry for entry in self.due if not entry[2].over]
+            heapq.heappush(self.due, (when, next(self.count), limit))
+            if len(self.due) > 1024 and len(self.due) & 1023 == 0:  # done long before
+                self.due = [entry for entry in self.due if not entry[2].future.done()]
                 heapq.heapify(self.due)
-                self.prune_at = 2 * len(self.due) + 256
-            self.changed.notify()
+            if self.due[0][2] is limit:
+                self.changed.notify()
 
     def run(self) -> None:
         while True:
-            try:
-                self._stop_next()
-            except Exception:  # a stopper's failure must not end the watchdog
-                logging.getLogger(__name__).exception("time limit watchdog")
-
-    def _stop_next(self) -> None:
-        while True:
             with self.changed:
-                while self.due and self.due[0][2].over:
-                    heapq.heappop(self.due)
                 wait = self.due[0][0] - time.monotonic() if self.due else None
-                if wait is None or wait > 0:
-                    self.changed.wait(wait)
+                if wait is None or wait > 0:  # a day at most: within threading.TIMEOUT_MAX
+                    self.changed.wait(None if wait is None else min(wait, 86400))
                     continue
-                stopper = heapq.heappop(self.due)[2]
-            stopper.stop(_TimedOut)
+                limit = heapq.heappop(self.due)[2]
+            try:
+                again = limit.check()
+            except Exception:  # a failing check must not end the watchdog
+                logging.getLogger(__name__).exception("time limit watchdog")
+                again = None
+            if again is not None:
+                self.add(limit, again)
 
 
 _the_watchdog: _Watchdog | None = None
@@ -730,8 +762,11 @@ _the_watchdog: _Watchdog | None = None
 def _watchdog() -> _Watchdog:
     """This process's watchdog, started on first use (again in a forked child)."""
     global _the_watchdog
+    watchdog = _the_watchdog
+    if watchdog is not None and watchdog.pid == _pid:
+        return watchdog
     with _fork_lock:
-        if _the_watchdog is None or _the_watchdog.pid != _pid or not _the_watchdog.is_alive():
+        if _the_watchdog is None or _the_watchdog.pid != _pid:
             _the_watchdog = _Watchdog()
             _the_watchdog.start()
         return _the_watchdog
@@ -776,12 +811,15 @@ def _teardown(ctx: Any, error: BaseException | None) -> None:
 
 
 class _ContextFuture(Future):  # type: ignore[type-arg]
-    """A Future whose done-callbacks run inside its task's Flask contexts, and whose
-    exception, if nobody ever reads it, is logged when the future is dropped (as asyncio)."""
+    """A Future whose done-callbacks run inside its task's Flask contexts, whose exception,
+    if nobody ever reads it, is logged when the future is dropped (as asyncio), and which
+    cancel() or a time limit makes done at once, even while its task runs on."""
 
-    _captured: Captured | None = None
+    _captured: _Task | None = None
     _retrieved = False  # result() or exception() has returned the outcome to someone
-    _stopped = False  # cancelled while running: the pool's late outcome is dropped
+    _stopped_at: float | None = None  # when it was stopped: the pool's late outcome is dropped
+    _release: Callable[[], object] | None = None  # frees what asked its task to stop
+    _ask: Callable[[Future[Any]], object] | None = None  # the process pool's way to ask
 
     def add_done_callback(self, fn: Callback) -> None:
         if self._captured is not None:
@@ -789,48 +827,70 @@ class _ContextFuture(Future):  # type: ignore[type-arg]
         super().add_done_callback(fn)
 
     def cancel(self) -> bool:
-        """Cancel a pending task, or stop a running thread or gevent task (the standard
-        library's cancel() gives up on a running task). False once it has finished."""
+        """Cancel a pending task; a running one's future is cancelled at once and its task
+        asked to stop (stop_requested()). False once it has finished."""
         if super().cancel():
             return True
-        stopper = _running.get(id(self._captured)) if self._captured else None
-        if stopper is None:
-            return self.cancelled()
-        own = stopper.is_current()  # the task cancels itself: it stops right here
-        if not self._cancel_running(lambda: stopper.stop(_Cancelled, send=not own)):
-            return False
-        if own and stopper.inside:
-            raise _Cancelled
-        return True
+        fn = self._captured.fn if self._captured is not None else None
+        return self._stop(functools.partial(_cancelled_error, fn))
 
-    def _cancel_running(self, stop: Callable[[], bool]) -> bool:
-        """Mark a running future cancelled if ``stop()`` succeeds: under the future's lock,
-        so the task's own outcome, stored by the pool, waits and is then dropped."""
+    def _stop(self, error: Callable[[], BaseException], kill: bool = True) -> bool:
+        """Make a running future done with ``error()`` (a CancelledError: cancelled) unless
+        its task's function has ended; then ask the task to stop."""
+        task = self._captured
         with self._condition:
-            if self._state != "RUNNING" or not stop():  # it finished first
+            if self._state != "RUNNING" or (task is not None and not task.stop(error)):
                 return self.cancelled()
-            self._stopped, self._state = True, "CANCELLED_AND_NOTIFIED"
-            for waiter in self._waiters:
-                waiter.add_cancelled(self)
+            self._stopped_at = time.monotonic()
+            exc = error()
+            if isinstance(exc, concurrent.futures.CancelledError):
+                self._state = "CANCELLED_AND_NOTIFIED"
+                for waiter in self._waiters:
+                    waiter.add_cancelled(self)
+            else:
+                self._exception, self._state = exc, "FINISHED"
+                for waiter in self._waiters:
+                    waiter.add_exception(self)
             self._condition.notify_all()
         self._invoke_callbacks()  # type: ignore[attr-defined]
+        if kill:
+            self._kill()
         return True
+
+    def _kill(self) -> None:
+        """Ask the task to stop beyond stop_requested(): the process and gevent pools'."""
+        if self._ask is not None:
+            self._ask(self)
 
     def set_result(self, result: Any) -> None:
         try:
             super().set_result(result)
         except concurrent.futures.InvalidStateError:
-            if not self._stopped:  # a stopped task's late outcome is dropped, not raised
+            if self._stopped_at is None:
                 raise
+            self._late()
 
     def set_exception(self, exception: BaseException | None) -> None:
-        if isinstance(exception, _NotStarted) and self._cancel_running(lambda: True):
+        if isinstance(exception, _NotStarted) and self._stop(lambda: exception, kill=False):
             return  # cancelled through the shared store before it started: cancelled here too
         try:
             super().set_exception(exception)
         except concurrent.futures.InvalidStateError:
-            if not self._stopped:
+            if self._stopped_at is None:
                 raise
+            self._late()
+
+    def _late(self) -> None:
+        """The pool's outcome of a task stopped earlier: dropped, and said once."""
+        if self._release is not None:
+            self._release()
+        task = _task_name(self._captured.fn) if self._captured else "the task"
+        late = time.monotonic() - (self._stopped_at or 0)
+        logging.getLogger(__name__).info(
+            "background task %s ended %.3f s after it was stopped: its outcome was dropped",
+            task,
+            late,
+        )
 
     def result(self, timeout: float | None = None) -> Any:
         return self._read(Future.result, timeout)
@@ -845,7 +905,7 @@ class _ContextFuture(Future):  # type: ignore[type-arg]
         except concurrent.futures.TimeoutError:
             if self._state == "FINISHED":  # the task's own TimeoutError (a TaskTimeout)
                 raise
-            raise concurrent.futures.TimeoutError(self._late(timeout)) from None
+            raise concurrent.futures.TimeoutError(self._late_message(timeout)) from None
         finally:
             self._retrieved = self._retrieved or self._state == "FINISHED"
 
@@ -853,21 +913,21 @@ class _ContextFuture(Future):  # type: ignore[type-arg]
         """What is left of ``timeout`` for the blocking wait (the gevent future waits first)."""
         return timeout
 
-    def _late(self, timeout: float | None) -> str:
-        task = _task_name(self._captured[4]) if self._captured else "the task"
+    def _late_message(self, timeout: float | None) -> str:
+        task = _task_name(self._captured.fn) if self._captured else "the task"
         return f"background task {task} did not finish within {timeout} s (it goes on running)"
 
     def __del__(self) -> None:
-        if self._exception is None or self._retrieved or self._captured is None:
+        task = self._captured
+        if self._exception is None or self._retrieved or task is None:
             return
-        if self._captured[5] != _pid:  # a copy a forked child inherited: the parent's to read
+        if task.pid != _pid:  # a copy a forked child inherited: the parent's to read
             return
-        app, task = self._captured[0], self._captured[4]
         with contextlib.suppress(Exception):  # logging may be torn down at interpreter exit
-            app.logger.error(
+            task.app.logger.error(
                 "background task %s raised an exception that was never retrieved: read "
                 "future.result() or future.exception(), or set EXECUTOR_PROPAGATE_EXCEPTIONS",
-                _task_name(task),
+                _task_name(task.fn),
                 exc_info=self._exception,
             )
 
@@ -881,6 +941,17 @@ class _GeventFuture(_ContextFuture):
 
     _hub: Any = None
     _event: Any = None  # one gevent Event, set when done: polling adds nothing per call
+    _greenlet: Any = None  # the greenlet running its task, once started
+
+    def _kill(self) -> None:
+        if self._greenlet is not None:  # thrown in from its hub, whichever thread stops it
+            self._hub.loop.run_callback_threadsafe(self._throw)
+
+    def _throw(self) -> None:
+        """In the hub: the greenlet waits at a switch. Only inside the task's function."""
+        task = self._captured
+        if task is not None and task.inside and not self._greenlet.dead:
+            self._greenlet.throw(_Stop)
 
     def _wait(self, timeout: float | None) -> float | None:
         import gevent
@@ -1004,6 +1075,7 @@ def _taken(future_key: Any) -> str:
 PENDING, RUNNING, FINISHED, CANCELLED = "pending", "running", "finished", "cancelled"
 Row = tuple[int, str, str, str, Optional[bytes]]  # (id, state, owner, task name, outcome)
 _POPPED_KEPT = 60.0
+_WATCH_EVERY = 0.5  # seconds between reads of the store for cancels of running tasks
 
 
 class FuturesStore(abc.ABC):
@@ -1045,7 +1117,7 @@ class FuturesStore(abc.ABC):
 
     @abc.abstractmethod
     def cancel(self, row_id: int) -> bool:
-        """Pending to cancelled; True if the row is cancelled now."""
+        """Pending or running to cancelled; True if the row is cancelled now."""
 
     @abc.abstractmethod
     def pop(self, key: str) -> Row | None:
@@ -1181,19 +1253,18 @@ class _StoredTask:
         self.store, self.row_id, self.future_key, self.fn = store, row_id, future_key, fn
         self.recorded = False  # this copy stored the outcome (in a process worker: its copy)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.run(self.fn, args, kwargs)
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:  # on a pool of a Backend of yours
+        return self.run(_WorkerTask(0, None, self.fn), args, kwargs)
 
-    def run(self, call: Task, args: Any, kwargs: Any) -> Any:
-        """``call(*args, **kwargs)``: the task's function, or it where it can be stopped."""
+    def run(self, task: Any, args: Any, kwargs: Any) -> Any:
+        """Mark the row running, call the task's function, store its outcome."""
         if not self.store.start(self.row_id):
             raise _NotStarted(f"stored future {self.future_key!r} was cancelled")
         try:
-            result = call(*args, **kwargs)
-        except concurrent.futures.CancelledError:  # stopped by cancel(): the owner stores it
-            raise
+            result = _call(task, self.fn, args, kwargs)
         except BaseException as exc:
-            self._record(_outcome(self.fn, exc))
+            if task.stopped is None:  # else it was stopped: the owner stores that
+                self._record(_outcome(self.fn, exc))
             raise
         self._record(_outcome(self.fn, None, result))
         return result
@@ -1258,14 +1329,12 @@ class _StoredFuture(Future):  # type: ignore[type-arg]
         return super().cancelled()
 
     def cancel(self) -> bool:
-        """Cancel a task not started, from any process; stop one running in this process
-        (thread and gevent backends; another process's running task goes on)."""
+        """Cancel the task, pending or running, for every process at once. Its owner asks
+        a running task to stop: at once in this process, else within _WATCH_EVERY s."""
         local = self._futures._local.get(self._row_id)  # its task is this process's
-        if self._state == "PENDING" and self._futures.store.cancel(self._row_id):
-            if local is not None:
-                Future.cancel(local)
-        elif local is not None:
-            local.cancel()  # stores the cancel, through its done-callback
+        if local is None or not (local.cancel() or local.done()):  # a pool of yours: it may
+            self._futures.store.cancel(self._row_id)  # not stop a running task; the store can
+        # (else the local future's done-callback has stored the cancel)
         return self.cancelled()
 
     def result(self, timeout: float | None = None) -> Any:
@@ -1308,6 +1377,8 @@ class _SharedFutures(FutureCollection):
         super().__init__(max_length, logger)
         self.store, self.ttl = store, ttl
         self._local: weakref.WeakValueDictionary[int, Future[Any]] = weakref.WeakValueDictionary()
+        self._watching = False  # a thread watches the store for cancels of _local's tasks
+        self._watch_lock = threading.Lock()  # guards _watching
 
     def add(self, future_key: Any, future: Future[Any]) -> None:
         self._store(future_key, future, lambda _: future)
@@ -1333,9 +1404,37 @@ class _SharedFutures(FutureCollection):
             self.store.forget(row_id)  # nothing was queued: free the key
             raise
         self._local[row_id] = future
+        if not self._watching:
+            self._watch()
         Future.add_done_callback(future, functools.partial(self._record, task, future is fn))
         future._stored = (text, row_id)  # type: ignore[attr-defined]
         return future
+
+    def _watch(self) -> None:
+        """Start the thread that stops this process's tasks cancelled from elsewhere."""
+        with self._watch_lock:
+            if not self._watching:
+                self._watching = True
+                name = f"{__name__} cancel watcher"
+                threading.Thread(target=self._watch_store, name=name, daemon=True).start()
+
+    def _watch_store(self) -> None:
+        """Every _WATCH_EVERY s, while a stored task runs here, read its row: cancelled
+        there (by another process), its future is cancelled here, and its task stopped.
+        Nothing is read while none runs; the thread ends once all are done."""
+        while True:
+            time.sleep(_WATCH_EVERY)  # a greenlet's sleep where threads are monkey-patched
+            with self._watch_lock:
+                futures = [(row_id, f) for row_id, f in self._local.items() if not f.done()]
+                self._watching = bool(futures)
+            if not futures:
+                return
+            for row_id, future in futures:
+                if future.running():
+                    with contextlib.suppress(Exception):  # the store is away: next time
+                        row = self.store.read_id(row_id)
+                        if row is not None and row[1] == CANCELLED:
+                            future.cancel()
 
     def _record(self, task: _StoredTask, added: bool, future: Future[Any]) -> None:
         """Store what the task did not: a cancel, a stop, a pool's failure, an added future."""
@@ -1580,7 +1679,8 @@ class SQLiteStore(FuturesStore):
     def cancel(self, row_id: int) -> bool:
         def cancel(db: sqlite3.Connection) -> bool:
             db.execute(
-                _SET_STATE + "id = ? AND state = ?", (CANCELLED, time.time(), row_id, PENDING)
+                _SET_STATE + "id = ? AND state IN (?, ?)",
+                (CANCELLED, time.time(), row_id, PENDING, RUNNING),
             )
             row = db.execute("SELECT state FROM executor_futures WHERE id = ?", (row_id,))
             return bool(row.fetchone() == (CANCELLED,))
@@ -1850,7 +1950,6 @@ def _after_fork_in_child() -> None:
     _pid = os.getpid()
     _fork_lock = threading.Lock()  # another thread may have held one of them at the fork
     _stop_lock = threading.Lock()
-    _running.clear()  # the parent's running tasks
     forkserver = sys.modules.get("multiprocessing.forkserver")
     if forkserver is not None:  # the parent's fork server is not this process's child
         server: Any = getattr(forkserver, "_forkserver")  # noqa: B009
@@ -1912,10 +2011,9 @@ class _AppState:
             raise TypeError(f"submit() needs a callable, got {fn!r} ({type(fn).__name__})")
         app_ctx = _cv_app.get(None)
         g_attrs = app_ctx.g.__dict__.copy() if self.push and app_ctx is not None else None
-        # the copied variables hold the request, the session and the caller's own variables
-        captured = (self.app, contextvars.copy_context(), g_attrs, self.push, fn, _pid, self.limit)
+        task = _Task(self.app, g_attrs, self.push, fn, self.limit)
         if self.contexts:
-            fn, args = _run_task, (captured, *args)
+            fn, args = _run_task, (task, *args)
         pool = self.pool
         try:
             future = pool.submit(fn, *args, **kwargs)
@@ -1923,7 +2021,10 @@ class _AppState:
             future = self._replace_broken(pool).submit(fn, *args, **kwargs)
         if type(future) is Future:
             future.__class__ = _ContextFuture
-        future._captured = captured  # type: ignore[attr-defined]  # for its callbacks
+        future._captured = task  # type: ignore[attr-defined]  # for its callbacks and stops
+        if self.limit is not None and self.contexts:  # (the process pool watches its own)
+            started = functools.partial(getattr, task, "started")
+            _watchdog().add(_Limit(future, started, task.fn, self.limit))
         return future
 
     def attach_callbacks(self, future: Future[T], fn: Task) -> Future[T]:

@@ -15,6 +15,7 @@ import logging
 import multiprocessing
 import os
 import pickle
+import queue
 import re
 import shutil
 import signal
@@ -27,6 +28,7 @@ import textwrap
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import weakref
 from pathlib import Path
@@ -1204,7 +1206,7 @@ class DictStore(flask_executor.FuturesStore):
     def cancel(self, row_id):
         with self.lock:
             row = self.rows.get(row_id)
-            if row is not None and row[1] == "pending":
+            if row is not None and row[1] in ("pending", "running"):
                 row[1] = "cancelled"
             return row is not None and row[1] == "cancelled"
 
@@ -2315,6 +2317,8 @@ def stored_app() -> Flask:
     def submit() -> dict[str, object]:
         key, args = request.args["key"], request.args
         task = (wait_for, args["block"], 600) if "block" in args else (echo_key, key, 0.05)
+        if "until_stopped" in args:
+            task = (write_until_stopped, args["until_stopped"])
         try:
             executor.submit_stored(key, *task)
         except ValueError:
@@ -2324,6 +2328,10 @@ def stored_app() -> Flask:
     @app.route("/poll")
     def poll() -> dict[str, object]:
         return {"done": executor.futures.done(request.args["key"]), "pid": os.getpid()}
+
+    @app.route("/cancel", methods=["POST"])
+    def cancel() -> dict[str, object]:
+        return {"cancelled": executor.futures.cancel(request.form["key"]), "pid": os.getpid()}
 
     @app.route("/pop")
     def pop() -> dict[str, object]:
@@ -2419,11 +2427,11 @@ def test_gunicorn_workers_share_stored_futures(worker, executor_type, store, pre
 
 
 def nap(seconds: float) -> None:
-    """Sleep in small steps: cooperative in a greenlet, and stoppable in a thread."""
+    """Sleep in small steps, cooperative in a greenlet; return early once asked to stop."""
     gevent = sys.modules.get("gevent")
     in_greenlet = gevent is not None and gevent.getcurrent().parent is not None
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not flask_executor.stop_requested():
         (gevent.sleep if in_greenlet else time.sleep)(0.005)
 
 
@@ -2440,6 +2448,16 @@ def swallow_exceptions() -> str:
     except Exception:
         return "swallowed"
     return "finished"
+
+
+def write_until_stopped(path: str) -> None:
+    """Write 'running' to path, wait until asked to stop (or killed), write 'stopped'."""
+    Path(path).write_text("running")
+    try:
+        while not flask_executor.stop_requested():
+            time.sleep(0.005)  # cooperative under gevent's monkey-patching
+    finally:
+        Path(path).write_text("stopped")
 
 
 def wait_at_barrier(barrier_name: str) -> int:
@@ -2560,11 +2578,11 @@ class TestTimeLimits:
         assert app.config["EXECUTOR_TIMEOUT"] is None
         with app.app_context():
             assert executor.submit(nap, 0.2).result(TIMEOUT) is None
-        for bad in ["soon", "0", "-1", True]:
+        for bad in ["soon", "0", "-1", True, 1e10, "86401", "inf", "nan"]:
             with pytest.raises(
                 ValueError,
-                match=rf"EXECUTOR_TIMEOUT must be a number of seconds > 0 or None, got "
-                rf"{re.escape(repr(bad))}",
+                match=rf"EXECUTOR_TIMEOUT must be a number of seconds > 0 \(at most 86400, a "
+                rf"day\) or None, got {re.escape(repr(bad))}",
             ):
                 Executor(make_app(EXECUTOR_TIMEOUT=bad))
         app, executor = make_executor(name="mail", MAIL_EXECUTOR_TIMEOUT="1.5")
@@ -2642,20 +2660,22 @@ class TestCancelRunning:
             assert executor.futures.cancel("long") is True
             assert executor.futures.cancelled("long") is True and local.cancelled()
 
-    def test_process_backend_keeps_the_standard_answer(self, make_executor, tmp_path):
+    def test_a_running_process_task_is_cancelled_and_asked_to_stop(self, make_executor, tmp_path):
         app, executor = make_executor(EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=1)
         with app.app_context():
-            running = executor.submit(wait_for, str(tmp_path / "go"))
-            wait_until(running.running)
-            assert running.cancel() is False and not running.cancelled()
-            (tmp_path / "go").touch()
-            assert running.result(TIMEOUT) == str(tmp_path / "go")
+            running = executor.submit(write_until_stopped, str(tmp_path / "started"))
+            wait_for(str(tmp_path / "started"))
+            assert running.cancel() is True and running.cancelled() and running.done()
+            assert running.cancel() is True  # as the standard library: already cancelled
+            # the worker saw stop_requested() and is free: the next task runs there
+            assert executor.submit(square, 5).result(TIMEOUT) == 25
+            assert (tmp_path / "started").read_text() == "stopped"
 
 
 def spin(seconds: float, n: int = 0) -> int:
-    """Busy for ``seconds`` in pure Python: stoppable at any instruction."""
+    """Busy for ``seconds`` in pure Python, asking whether to stop at every turn."""
     started = time.monotonic()
-    while time.monotonic() - started < seconds:
+    while time.monotonic() - started < seconds and not flask_executor.stop_requested():
         pass
     return n
 
@@ -2683,7 +2703,6 @@ class TestStopRaces:
             kinds = {type(f.exception(TIMEOUT)).__name__ for f in futures}
             executor.shutdown(wait=True)
         assert kinds <= {"NoneType", "TaskTimeout"}
-        assert flask_executor._running == {}
 
     def test_process_tasks_ending_at_the_deadline_never_leak_the_private_stop(self, make_executor):
         config = {"EXECUTOR_START_METHOD": "fork", "EXECUTOR_MAX_WORKERS": 2}
@@ -2721,26 +2740,29 @@ class TestStopRaces:
                 stored = type(executor.futures.exception(n, timeout=TIMEOUT)).__name__
                 assert local == stored, (n, local, stored)
 
-    def test_a_task_stuck_past_its_limit_can_still_be_cancelled(self, make_executor):
+    def test_a_task_blocked_in_c_is_done_at_its_limit(self, make_executor):
         app, executor = make_executor(EXECUTOR_TIMEOUT="0.2", EXECUTOR_MAX_WORKERS=1)
         EVENTS["stuck"] = release = threading.Event()
         with app.app_context():
-            stuck = executor.submit(wait_event, "stuck")  # blocked in C: the stop waits
-            with pytest.raises(cf.TimeoutError, match="did not finish"):
-                stuck.result(0.6)
-            assert stuck.cancel() is True and stuck.cancelled()
+            stuck = executor.submit(wait_event, "stuck")  # blocked in C: it never asks
+            started = time.monotonic()
+            with pytest.raises(flask_executor.TaskTimeout):
+                stuck.result(TIMEOUT)
+            assert time.monotonic() - started < 0.2 + 0.5
+            assert stuck.cancel() is False and not stuck.cancelled()  # it is done
             release.set()
             assert executor.submit(square, 2).result(TIMEOUT) == 4
 
     @pytest.mark.parametrize("backend", STOPPABLE)
-    def test_a_task_cancelling_itself_stops_there(self, make_executor, backend):
+    def test_a_task_cancelling_itself_is_asked_to_stop(self, make_executor, backend):
         app, executor = limited(make_executor, backend)
         box: dict[str, object] = {}
 
         def cancel_myself() -> str:
             wait_until(lambda: "future" in box)
-            box["cancel"] = "did not return"
+            box["before"] = flask_executor.stop_requested()
             box["cancel"] = box["future"].cancel()
+            box["after"] = flask_executor.stop_requested()
             return "went on"
 
         with app.app_context():
@@ -2748,7 +2770,8 @@ class TestStopRaces:
             with pytest.raises(cf.CancelledError):
                 future.result(TIMEOUT)
             executor.shutdown(wait=True)
-        assert future.cancelled() and box["cancel"] == "did not return"
+        assert future.cancelled() and (box["before"], box["cancel"], box["after"]) == (
+            False, True, True)  # fmt: skip
 
     def test_cancel_while_the_context_is_being_pushed(self, make_executor):
         from flask.signals import appcontext_pushed
@@ -2769,6 +2792,221 @@ class TestStopRaces:
                 future.result(TIMEOUT)
             executor.shutdown(wait=True)
         assert ran == [] and future.cancelled()
+
+
+QUIET = logging.getLogger("test_flask_executor.quiet")
+
+
+class QuietHandler(logging.Handler):
+    """Takes its lock on every record, as every handler does, and writes nothing."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        pass
+
+
+QUIET.addHandler(QuietHandler())
+QUIET.setLevel(logging.INFO)
+QUIET.propagate = False
+SHARED_CONDITION = threading.Condition()
+SHARED_QUEUE: queue.Queue[int] = queue.Queue()
+
+
+def use_locks_until_stopped(kind: str) -> None:
+    """Take a lock shared with the web process's other threads, over and over, until asked
+    to stop (on a main without stop_requested, until stopped by force)."""
+    asked = getattr(flask_executor, "stop_requested", lambda: False)
+    while not asked():
+        if kind == "logging":
+            QUIET.info("working")
+        elif kind == "condition":
+            with SHARED_CONDITION:
+                SHARED_CONDITION.notify_all()
+        else:
+            SHARED_QUEUE.put(1)
+            SHARED_QUEUE.get()
+
+
+def use_lock_in_thread(kind: str) -> bool:
+    """Take the same lock once from a plain thread: True if it did within 2 s."""
+    thread = threading.Thread(target=use_locks_until_stopped_once, args=(kind,), daemon=True)
+    thread.start()
+    thread.join(2)
+    return not thread.is_alive()
+
+
+def use_locks_until_stopped_once(kind: str) -> None:
+    if kind == "logging":
+        QUIET.info("from a request thread")
+    elif kind == "condition":
+        with SHARED_CONDITION:
+            pass
+    else:
+        SHARED_QUEUE.put(2)
+        SHARED_QUEUE.get()
+
+
+class TestStopsAreSafe:
+    """A stop never lands inside the task's code: no lock it shares is ever left held."""
+
+    @pytest.mark.parametrize("kind", ["logging", "condition", "queue"])
+    def test_200_stops_of_a_task_using_a_shared_lock_leave_it_free(self, make_executor, kind):
+        app, executor = make_executor(EXECUTOR_TIMEOUT="0.01", EXECUTOR_MAX_WORKERS=4)
+        with app.app_context():
+            for _ in range(25):  # 100 stops by the limit, 100 by cancel()
+                timed = [executor.submit(use_locks_until_stopped, kind) for _ in range(4)]
+                for future in timed:
+                    assert isinstance(future.exception(TIMEOUT), flask_executor.TaskTimeout)
+                assert use_lock_in_thread(kind), "a stop left the lock held"
+        app, executor = make_executor(EXECUTOR_MAX_WORKERS=4)  # no limit: cancel() only
+        with app.app_context():
+            for _ in range(25):
+                running = [executor.submit(use_locks_until_stopped, kind) for _ in range(4)]
+                for future in running:
+                    wait_until(future.running)
+                    assert future.cancel() is True and future.cancelled()
+                assert use_lock_in_thread(kind), "a stop left the lock held"
+            executor.shutdown(wait=True)  # every stopped task saw stop_requested() and ended
+
+    @pytest.mark.parametrize("backend", ["thread", "gevent", "process"])
+    def test_a_task_swallowing_every_exception_is_done_at_its_limit(self, make_executor, backend):
+        app, executor = limited(make_executor, backend, EXECUTOR_TIMEOUT="0.5")
+        with app.app_context():
+            executor.submit(square, 2).result(TIMEOUT)  # the pool is up (process: spawned)
+            started = time.monotonic()
+            future = executor.submit(retry_for, 3.0)
+            with pytest.raises(flask_executor.TaskTimeout):
+                future.result(TIMEOUT)
+            assert time.monotonic() - started < 0.5 + 0.5
+
+    def test_stop_requested_outside_a_task_is_false(self):
+        assert flask_executor.stop_requested() is False
+        assert "stop_requested" in flask_executor.__all__
+
+    def test_a_stopped_tasks_late_outcome_is_logged_once_at_info(self, make_executor, caplog):
+        app, executor = make_executor(EXECUTOR_TIMEOUT="0.1")
+        EVENTS["late"] = release = threading.Event()
+        with app.app_context(), caplog.at_level(logging.INFO, logger="flask_executor"):
+            future = executor.submit(wait_event, "late")  # blocked: it never asks
+            assert isinstance(future.exception(TIMEOUT), flask_executor.TaskTimeout)
+            release.set()
+            executor.shutdown(wait=True)
+        late = [r for r in caplog.records if "after it was stopped" in r.getMessage()]
+        assert len(late) == 1 and late[0].levelno == logging.INFO
+        assert "test_flask_executor.wait_event ended" in late[0].getMessage()
+
+    @pytest.mark.parametrize("backend", ["thread", "gevent", "process"])
+    def test_cancel_by_key_from_another_process_stops_a_running_task(
+        self, store_url, backend, tmp_path
+    ):
+        """The owner runs a cooperative stored task; this process cancels it by key: every
+        reader sees it cancelled at once, and the task sees stop_requested() within ~1 s."""
+        if backend == "gevent":
+            pytest.importorskip("gevent")
+        flag = tmp_path / "flag"
+        patch = "from gevent import monkey; monkey.patch_all()" if backend == "gevent" else ""
+        script = f"""
+            {patch}
+            import concurrent.futures as cf
+            from flask_executor import Executor
+            from test_flask_executor import make_app, write_until_stopped
+            app = make_app(EXECUTOR_FUTURES_STORE={store_url!r}, EXECUTOR_TYPE={backend!r})
+            executor = Executor(app)
+            with app.app_context():
+                future = executor.submit_stored("long", write_until_stopped, {str(flag)!r})
+                cf.wait([future], timeout=60)
+                print(future.cancelled(), flush=True)
+                executor.shutdown(wait=True)
+        """
+        owner = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], cwd=HERE,
+                                 env={**os.environ, "PYTHONPATH": str(HERE)},
+                                 stdout=subprocess.PIPE, text=True)  # fmt: skip
+        try:
+            app = make_app(EXECUTOR_FUTURES_STORE=store_url)
+            executor = Executor(app)
+            with app.app_context():
+                wait_until(lambda: flag.exists() and executor.futures.running("long"))
+                assert executor.futures.cancel("long") is True
+                assert executor.futures.cancelled("long") is True  # at once, for every reader
+                started = time.monotonic()
+                wait_until(lambda: flag.read_text() == "stopped", timeout=5)
+                assert time.monotonic() - started < 2
+                assert owner.wait(TIMEOUT) == 0 and owner.stdout.read().split() == ["True"]
+                assert executor.futures.cancel("long") is True  # the same answer again
+        finally:
+            owner.kill()
+            owner.wait()
+
+    @pytest.mark.parametrize("store", ["sqlite", "redis"])
+    def test_cancel_answers_the_same_on_every_store(self, make_executor, store, request,
+                                                    tmp_path):  # fmt: skip
+        """pending, running, finished: what cancel() returns is what is read after."""
+        if store == "redis":
+            url = request.getfixturevalue("redis_server")
+            import redis
+
+            redis.Redis.from_url(url).flushall()
+        else:
+            url = f"sqlite:///{tmp_path}/f.db"
+        app, executor = make_executor(EXECUTOR_FUTURES_STORE=url, EXECUTOR_MAX_WORKERS=1)
+        with app.app_context():
+            running = executor.submit_stored("running", write_until_stopped, str(tmp_path / "r"))
+            pending = executor.submit_stored("pending", square, 2)
+            wait_until(lambda: executor.futures.running("running"))
+            view = executor.futures.get("running")  # read while it ran
+            answers = [executor.futures.cancel("pending"), view.cancel()]
+            assert answers == [True, True]
+            assert executor.futures.cancelled("pending") and executor.futures.cancelled("running")
+            assert pending.cancelled() and running.cancelled()
+            done = executor.submit_stored("done", square, 3)
+            assert done.result(TIMEOUT) == 9
+            assert executor.futures.cancel("done") is False
+            assert executor.futures.result("done") == 9
+
+
+def retry_for(seconds: float) -> str:
+    """A retry loop with a bare except: it swallows anything raised into it."""
+    gevent = sys.modules.get("gevent")
+    in_greenlet = gevent is not None and gevent.getcurrent().parent is not None
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:  # noqa: SIM105
+            (gevent.sleep if in_greenlet else time.sleep)(0.01)
+        except:  # noqa: E722
+            pass
+    return "finished"
+
+
+@pytest.mark.parametrize("worker", ["gthread", "gevent"])
+def test_gunicorn_cancel_from_any_worker_stops_a_stored_task(worker, tmp_path):
+    """Under gunicorn -w 4 with a SQLite store, a cancel POSTed on a new connection stops
+    a cooperative stored task within 2 s, whichever worker takes the POST."""
+    pytest.importorskip("gunicorn")
+    if worker == "gevent":
+        pytest.importorskip("gevent")
+    port = free_port()
+    argv = [sys.executable, "-m", "gunicorn", "-k", worker, "-w", "4", "--threads", "4",
+            "-b", f"127.0.0.1:{port}", "test_flask_executor:stored_app()"]  # fmt: skip
+    env = {"EXECUTOR_TYPE": "gevent" if worker == "gevent" else "thread",
+           "EXECUTOR_FUTURES_STORE": f"sqlite:///{tmp_path}/futures.db"}  # fmt: skip
+    server = Server(argv, port, **env)
+    try:
+        owners, takers = {}, {}
+        for n in range(8):
+            flag = tmp_path / f"flag{n}"
+            owners[n] = http_get(f"{server.base}/submit?key=k{n}&until_stopped={flag}")["pid"]
+            wait_until(lambda flag=flag: flag.exists())
+            data = urllib.parse.urlencode({"key": f"k{n}"}).encode()
+            with urllib.request.urlopen(f"{server.base}/cancel", data, timeout=TIMEOUT) as reply:
+                answer = json.loads(reply.read())
+            assert answer["cancelled"] is True
+            takers[n] = answer["pid"]
+            started = time.monotonic()
+            wait_until(lambda flag=flag: flag.read_text() == "stopped", timeout=5)
+            assert time.monotonic() - started < 2, server.output()
+            assert http_get(f"{server.base}/poll?key=k{n}")["done"] is True
+        assert any(owners[n] != takers[n] for n in owners)  # taken by another worker
+    finally:
+        server.stop()
 
 
 def test_readme_pebble_recipe(executors):
