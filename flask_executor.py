@@ -19,7 +19,10 @@ Config keys, read from ``app.config``, else the environment (``Executor(name='ma
   ``'sqlite:///path.db'`` (every process on the machine; relative to ``app.instance_path``),
   ``'redis://host:port/db'`` (several machines), or a :class:`FuturesStore` object.
 - ``EXECUTOR_FUTURES_TTL``: seconds a shared store keeps a finished future (None: no limit).
-- ``EXECUTOR_TIMEOUT``: seconds a task may run before it is stopped (None: no limit).
+- ``EXECUTOR_FUTURES_NAMESPACE``: where a shared store keeps this executor's keys (the app's
+  import name). A shared store also needs the app's SECRET_KEY: outcomes are signed with it.
+- ``EXECUTOR_TIMEOUT``: seconds a task may run (at most a day; None: no limit). Then its
+  future is done at once, with TaskTimeout, and the task is asked to stop: stop_requested().
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ import concurrent.futures
 import contextlib
 import contextvars
 import functools
+import hashlib
 import heapq
+import hmac
 import inspect
 import itertools
 import logging
@@ -48,7 +53,7 @@ import traceback
 import types
 import weakref
 from concurrent.futures import Future
-from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, TypeVar
 
 from flask import Flask
 from flask.ctx import AppContext
@@ -67,6 +72,7 @@ __all__ = [
     "GeventBackend",
     "ProcessBackend",
     "RedisStore",
+    "Row",
     "SQLiteStore",
     "TaskTimeout",
     "ThreadBackend",
@@ -92,6 +98,7 @@ _KEYS = [
     "EXECUTOR_FUTURES_STORE",
     "EXECUTOR_FUTURES_TTL",
     "EXECUTOR_TIMEOUT",
+    "EXECUTOR_FUTURES_NAMESPACE",
 ]
 _TRUE = {"1", "true", "t", "yes", "y", "on"}
 _FALSE = {"0", "false", "f", "no", "n", "off"}
@@ -166,7 +173,7 @@ class Config:
         if isinstance(value, FuturesStore):
             return value
         url = "" if value is None else str(value).strip()
-        namespace = f"{self.app.import_name}:{self.prefix}"
+        namespace = self.namespace()
         if url.lower() in ("", "memory", "none"):
             return None
         if url.startswith("sqlite:///") and url[10:] not in ("", ":memory:") and "?" not in url:
@@ -185,6 +192,25 @@ class Config:
             "'memory', 'sqlite:///relative/path.db', 'sqlite:////absolute/path.db', "
             "'redis://host:port/db' or a FuturesStore object"
         )
+
+    def namespace(self) -> str:
+        """Where this executor's keys live in a shared store: EXECUTOR_FUTURES_NAMESPACE,
+        else the app's import name (two apps both called ``app`` share it: set the key)."""
+        default = f"{self.app.import_name}:{self.prefix}"
+        return str(self.get("EXECUTOR_FUTURES_NAMESPACE") or default)
+
+    def signer(self) -> _Signer:
+        """How a shared store's outcomes are signed: with the app's SECRET_KEY."""
+        secrets = [self.app.secret_key, *(self.app.config.get("SECRET_KEY_FALLBACKS") or [])]
+        if not secrets[0]:
+            raise ValueError(
+                f"{self.prefix}EXECUTOR_FUTURES_STORE={self.get('EXECUTOR_FUTURES_STORE')!r} "
+                "needs the app's SECRET_KEY: outcomes in a shared store are signed with it, so "
+                "that whoever can write the store cannot run code in this app by planting a "
+                "pickle there. Set app.secret_key (SECRET_KEY), the same in every process that "
+                "shares the store"
+            )
+        return _Signer(secrets)
 
     def backend(self) -> Backend:
         """The backend named by EXECUTOR_TYPE (or the Backend object given there)."""
@@ -254,12 +280,13 @@ class _ProcessPool(concurrent.futures.ProcessPoolExecutor):
 
     Two arrays in shared memory, written without locks (each slot has one writer at a time):
     ``_starts`` holds, for task number n, (n, when it started) at slot n % _STARTS (written
-    by the worker that runs it); ``_stops`` holds the numbers of the running tasks asked to
-    stop (written by this process, one slot per running task at most, freed when the task's
-    late outcome comes back)."""
+    by the worker that runs it); ``_stops`` holds the numbers of the tasks asked to stop
+    (written by this process under _stops_lock, freed when the task's late outcome comes
+    back). A task this process marks running is in a worker or in the call queue: at most
+    twice the workers, and one more."""
 
     def __init__(self, max_workers: int | None, mp_context: Any, limit: float | None) -> None:
-        slots = (max_workers or os.cpu_count() or 1) + 2  # running, plus the one queued extra
+        slots = 2 * (max_workers or os.cpu_count() or 1) + 2  # running or in the call queue
         self._stops, self._starts = mp_context.RawArray("q", slots), None
         if limit is not None:  # only a pool with a limit pays for knowing when tasks start
             self._starts = mp_context.RawArray("d", 2 * _STARTS)
@@ -269,7 +296,7 @@ class _ProcessPool(concurrent.futures.ProcessPoolExecutor):
         )
         self._limit = limit
         self._numbers = itertools.count(1)  # task numbers; 0 marks a free slot
-        self._stops_lock = threading.Lock()  # guards choosing a free slot in _stops
+        self._stops_lock = threading.Lock()  # guards _stops, and each future's _ended
         # The pool pickles calls in its queue's feeder thread and fails the future with the
         # bare pickling error; name the object that failed instead (CPython 3.9+ hook).
         queue: Any = self._call_queue  # type: ignore[attr-defined]
@@ -293,21 +320,29 @@ class _ProcessPool(concurrent.futures.ProcessPoolExecutor):
         return future
 
     def _started(self, number: int) -> float | None:
-        """When task ``number`` started in a worker, or None if it has not (yet)."""
+        """When task ``number`` started in a worker, or None if it has not (yet). Its slot
+        may hold a later task's start by now: the queue is first in, first out, so it
+        started no later than that (its limit may then end a little late, never early)."""
         starts: Any = self._starts
         slot = 2 * (number % _STARTS)
-        when = starts[slot + 1]
-        return when if starts[slot] == number else None
+        there, when = starts[slot], starts[slot + 1]
+        return when if there >= number and (there - number) % _STARTS == 0 else None
 
-    def _ask_to_stop(self, number: int, future: Future[Any]) -> None:
+    def _ask_to_stop(self, number: int, future: Any, ended: bool = False) -> None:
+        """Ask task ``number`` to stop; ``ended``: its outcome came back, free its slot."""
         with self._stops_lock:
-            slot = next((i for i, n in enumerate(self._stops) if n == 0), None)
-            if slot is not None:  # else: more stopped tasks than can run, which cannot be
-                self._stops[slot] = number
-                future._release = functools.partial(self._stops.__setitem__, slot, 0)  # type: ignore[attr-defined]
+            if ended or future._ended:
+                future._ended = True
+                for at, asked in enumerate(self._stops):
+                    if asked == number:
+                        self._stops[at] = 0
+                return
+            free = next((at for at, asked in enumerate(self._stops) if asked == 0), None)
+            if free is not None:  # else: more stopped tasks than can be queued or run
+                self._stops[free] = number
 
 
-_STARTS = 4096  # task start times kept by the process pool: far more than run at once
+_STARTS = 16384  # task start times kept by the process pool: far more than run at once
 _worker_shared: tuple[Any, Any] = (None, None)  # a worker's (stops, starts) arrays
 
 
@@ -703,19 +738,27 @@ class _Limit:
 
     def __init__(self, future: Future[Any], started: Callable[[], float | None], fn: Task,
                  limit: float) -> None:  # fmt: skip
-        self.future, self.started, self.limit = future, started, limit
+        self.future = weakref.ref(future)  # not kept alive by the watchdog: a dropped future
+        self.started, self.limit = started, limit  # is logged (and freed) at once
         self.error = functools.partial(TaskTimeout, _task_name(fn), limit)
+
+    def done(self) -> bool:
+        future = self.future()
+        return future is None or future.done()
 
     def check(self) -> float | None:
         """Stop the task if its time is up; else when to look again (None: never)."""
-        if self.future.done():
+        future = self.future()
+        if future is None or future.done():
             return None
         started, now = self.started(), time.monotonic()
         if started is None:  # not started yet: its limit cannot end before now + limit
             return now + self.limit
         if now < started + self.limit:
             return started + self.limit
-        self.future._stop(self.error)  # type: ignore[attr-defined]
+        # In a thread of its own: the stop runs done-callbacks, and may write a shared store,
+        # neither of which may hold up the other tasks' limits.
+        threading.Thread(target=future._stop, args=(self.error,), daemon=True).start()  # type: ignore[attr-defined]
         return None
 
 
@@ -734,7 +777,7 @@ class _Watchdog(threading.Thread):
         with self.changed:
             heapq.heappush(self.due, (when, next(self.count), limit))
             if len(self.due) > 1024 and len(self.due) & 1023 == 0:  # done long before
-                self.due = [entry for entry in self.due if not entry[2].future.done()]
+                self.due = [entry for entry in self.due if not entry[2].done()]
                 heapq.heapify(self.due)
             if self.due[0][2] is limit:
                 self.changed.notify()
@@ -818,8 +861,9 @@ class _ContextFuture(Future):  # type: ignore[type-arg]
     _captured: _Task | None = None
     _retrieved = False  # result() or exception() has returned the outcome to someone
     _stopped_at: float | None = None  # when it was stopped: the pool's late outcome is dropped
-    _release: Callable[[], object] | None = None  # frees what asked its task to stop
-    _ask: Callable[[Future[Any]], object] | None = None  # the process pool's way to ask
+    _ask: Callable[..., object] | None = None  # the process pool's way to ask its task
+    _ended = False  # the pool's outcome came back (the process pool's, under its lock)
+    _gate: Callable[[BaseException], BaseException | None] | None = None  # a shared store's
 
     def add_done_callback(self, fn: Callback) -> None:
         if self._captured is not None:
@@ -836,13 +880,20 @@ class _ContextFuture(Future):  # type: ignore[type-arg]
 
     def _stop(self, error: Callable[[], BaseException], kill: bool = True) -> bool:
         """Make a running future done with ``error()`` (a CancelledError: cancelled) unless
-        its task's function has ended; then ask the task to stop."""
+        its task's function has ended; ask the task to stop, then run the callbacks.
+
+        A stored task's stop is stored first (the gate): if its row already holds another
+        outcome (a process task that returned just then), that one stands, here too."""
         task = self._captured
         with self._condition:
-            if self._state != "RUNNING" or (task is not None and not task.stop(error)):
+            if self._state != "RUNNING" or (task is not None and kill and not task.stop(error)):
                 return self.cancelled()
+            exc: BaseException | None = error()
+            if self._gate is not None and kill:
+                exc = self._gate(exc)  # type: ignore[arg-type]
+                if exc is None:
+                    return False
             self._stopped_at = time.monotonic()
-            exc = error()
             if isinstance(exc, concurrent.futures.CancelledError):
                 self._state = "CANCELLED_AND_NOTIFIED"
                 for waiter in self._waiters:
@@ -852,9 +903,9 @@ class _ContextFuture(Future):  # type: ignore[type-arg]
                 for waiter in self._waiters:
                     waiter.add_exception(self)
             self._condition.notify_all()
-        self._invoke_callbacks()  # type: ignore[attr-defined]
         if kill:
             self._kill()
+        self._invoke_callbacks()  # type: ignore[attr-defined]
         return True
 
     def _kill(self) -> None:
@@ -863,6 +914,8 @@ class _ContextFuture(Future):  # type: ignore[type-arg]
             self._ask(self)
 
     def set_result(self, result: Any) -> None:
+        if self._ask is not None:  # its worker is done with it: free its stop request
+            self._ask(self, True)
         try:
             super().set_result(result)
         except concurrent.futures.InvalidStateError:
@@ -871,8 +924,10 @@ class _ContextFuture(Future):  # type: ignore[type-arg]
             self._late()
 
     def set_exception(self, exception: BaseException | None) -> None:
+        if self._ask is not None:
+            self._ask(self, True)
         if isinstance(exception, _NotStarted) and self._stop(lambda: exception, kill=False):
-            return  # cancelled through the shared store before it started: cancelled here too
+            return  # cancelled through the shared store: cancelled here too
         try:
             super().set_exception(exception)
         except concurrent.futures.InvalidStateError:
@@ -882,8 +937,6 @@ class _ContextFuture(Future):  # type: ignore[type-arg]
 
     def _late(self) -> None:
         """The pool's outcome of a task stopped earlier: dropped, and said once."""
-        if self._release is not None:
-            self._release()
         task = _task_name(self._captured.fn) if self._captured else "the task"
         late = time.monotonic() - (self._stopped_at or 0)
         logging.getLogger(__name__).info(
@@ -956,7 +1009,7 @@ class _GeventFuture(_ContextFuture):
     def _wait(self, timeout: float | None) -> float | None:
         import gevent
 
-        if self.done() or gevent.get_hub() is not self._hub:
+        if self.done() or _hub_here() is not self._hub:
             return timeout  # another thread's waits block only that thread
         if self._event is None:
             import gevent.event
@@ -985,6 +1038,7 @@ class FutureCollection:
         self._futures: collections.OrderedDict[Any, Future[Any]] = collections.OrderedDict()
         self._lock = threading.RLock()  # guards _futures; re-entrant for tasks run inline
         self._logger = logger or logging.getLogger(__name__)
+        self._drops, self._said_at = 0, -1.0  # running futures dropped since the last warning
 
     def add(self, future_key: Any, future: Future[Any]) -> None:
         """Store ``future``; ValueError if ``future_key`` is taken."""
@@ -1005,14 +1059,28 @@ class FutureCollection:
         key = next((key for key, future in self._futures.items() if future.done()), None)
         if key is None:  # all still running: drop the oldest, as 1.0 did, but say so
             key = next(iter(self._futures))
-            self._logger.warning(
-                "futures dict full (%s futures, EXECUTOR_FUTURES_MAX_LENGTH): dropped the "
-                "stored future %r while its task is still running (the task goes on); "
-                "raise EXECUTOR_FUTURES_MAX_LENGTH or pop futures once read",
-                self.max_length,
-                key,
-            )
+            self._evicted(key)
         del self._futures[key]
+
+    def _evicted(self, future_key: Any) -> None:
+        """Warn that a running future was dropped: the first time, then at most one line a
+        minute, with the count (a flood of submits would otherwise flood the log)."""
+        self._drops += 1
+        now = time.monotonic()
+        if self._said_at >= 0 and now - self._said_at < 60:
+            return
+        more = f"{self._drops:,} running futures, the last" if self._said_at >= 0 else "the"
+        since = f" in the last {now - self._said_at:.0f} s" if self._said_at >= 0 else ""
+        self._logger.warning(
+            "futures dict full (%s futures, EXECUTOR_FUTURES_MAX_LENGTH): dropped %s stored "
+            "future %r while its task was still running%s (the tasks go on); raise "
+            "EXECUTOR_FUTURES_MAX_LENGTH or pop futures once read",
+            self.max_length,
+            more,
+            future_key,
+            since,
+        )
+        self._drops, self._said_at = 0, now
 
     def pop(self, future_key: Any) -> Future[Any] | None:
         """Remove and return the future stored at ``future_key``, or None."""
@@ -1068,60 +1136,74 @@ def _taken(future_key: Any) -> str:
 
 
 # Stored futures shared by every process (EXECUTOR_FUTURES_STORE). A store keeps a row per
-# stored future: its key, state, the process that owns the task ("owner") and, once done,
-# its pickled outcome. Any process reads rows; the owner runs the task and writes its row.
-# A popped row loses its key (renamed 'd:<id>') but stays readable by its id, for whoever
+# stored future: its key, a token, its state, the process that owns the task ("owner") and,
+# once done, its signed, pickled outcome. Any process reads rows; the owner runs the task and
+# writes its row. Every write names the row by its token, random and never reissued, so a
+# writer whose row is gone (popped, evicted, the store reset) can never touch another key's.
+# Polls read the state only; the outcome is loaded by result() and exception(). A popped
+# row loses its key (it becomes 'd:<token>') but stays readable by its token, for whoever
 # still waits on it, until it has been finished for _POPPED_KEPT seconds.
 PENDING, RUNNING, FINISHED, CANCELLED = "pending", "running", "finished", "cancelled"
-Row = tuple[int, str, str, str, Optional[bytes]]  # (id, state, owner, task name, outcome)
-_POPPED_KEPT = 60.0
+_POPPED_KEPT = 24 * 3600.0  # a day: long enough for any reader still waiting on a pop
 _WATCH_EVERY = 0.5  # seconds between reads of the store for cancels of running tasks
+_PATIENCE = 0.5  # seconds a task's own store write waits for a locked store; then the owner
+# writes it from a thread of its own, and the submitter's future does not wait for the store
+
+
+class Row(NamedTuple):
+    """A stored future as a store reads it: never its outcome (see FuturesStore.outcome)."""
+
+    token: str
+    state: str
+    owner: str
+    task: str
 
 
 class FuturesStore(abc.ABC):
     """Where a shared futures dict keeps its rows: subclass it to plug in your own store.
 
-    Keys are strings; each method is atomic across processes. The object must pickle: the
-    process backend's workers mark their tasks' start through it. ``finish`` and ``cancel``
-    change only rows still pending (or running): an outcome, once stored, is final.
+    Keys are strings, tokens unique strings; each method is atomic across processes. The
+    object must pickle: process workers write through it. ``finish`` and ``cancel`` change
+    only rows still pending or running: an outcome, once stored, is final. ``wait`` is how
+    long a write may wait for a busy store before it raises.
     """
 
     @abc.abstractmethod
-    def claim(
-        self, key: str, owner: str, task: str, max_length: int | None, ttl: float | None
-    ) -> tuple[int, list[str]] | None:
-        """Add a pending row under ``key``: its id, or None if ``key`` is taken. First
-        delete popped rows finished over _POPPED_KEPT seconds ago, and keyed rows finished
-        over ``ttl`` seconds ago; then, while ``max_length`` keyed rows or more remain, the
-        one that finished first, else the oldest, whose key is also returned."""
+    def claim(self, key: str, token: str, owner: str, task: str, max_length: int | None,
+              ttl: float | None) -> list[str] | None:  # fmt: skip
+        """Add a pending row under ``key``; None if ``key`` is taken. First delete popped
+        rows finished over _POPPED_KEPT seconds ago, and keyed rows finished over ``ttl``
+        seconds ago; then, while ``max_length`` keyed rows or more remain, the one that
+        finished first, else the oldest: return the keys of those dropped unfinished."""
 
     @abc.abstractmethod
-    def start(self, row_id: int) -> bool:
+    def start(self, token: str, wait: float) -> bool:
         """Pending to running; False if the row was cancelled (its task must not run)."""
 
     @abc.abstractmethod
-    def finish(self, row_id: int, outcome: bytes | None) -> None:
-        """Pending or running to finished with ``outcome``, or to cancelled if None."""
+    def finish(self, token: str, outcome: bytes | None, wait: float) -> bool:
+        """Pending or running to finished with ``outcome``, or to cancelled if None; False
+        if the row was not pending or running (or is gone)."""
 
     @abc.abstractmethod
-    def forget(self, row_id: int) -> None:
+    def forget(self, token: str) -> None:
         """Delete a row (its task could not be queued)."""
 
     @abc.abstractmethod
-    def read(self, key: str) -> Row | None:
-        """The row stored under ``key``."""
+    def read(self, key: str = "", token: str = "") -> Row | None:
+        """The row stored under ``key``, or (popped or not) the one with ``token``."""
 
     @abc.abstractmethod
-    def read_id(self, row_id: int) -> Row | None:
-        """The row with that id, popped or not."""
+    def outcome(self, token: str) -> bytes | None:
+        """A finished row's outcome."""
 
     @abc.abstractmethod
-    def cancel(self, row_id: int) -> bool:
+    def cancel(self, token: str) -> bool:
         """Pending or running to cancelled; True if the row is cancelled now."""
 
     @abc.abstractmethod
     def pop(self, key: str) -> Row | None:
-        """Take the row's key away (it becomes ``'d:<id>'``) and return the row."""
+        """Take the row's key away (it becomes ``'d:<token>'``) and return the row."""
 
     @abc.abstractmethod
     def keys(self) -> list[str]:
@@ -1154,9 +1236,15 @@ def _key_of(text: str) -> Any:
     return int(text[2:]) if text.startswith("i:") else text[2:]
 
 
+_owners: dict[int, str] = {}  # this process as stores name it, by pid (computed once)
+
+
 def _owner() -> str:
     """This process, as stores name it: machine, pid and start time (pids are reused)."""
-    return f"{_HOST}/{_process_start(os.getpid())}"
+    owner = _owners.get(_pid)
+    if owner is None:
+        owner = _owners[_pid] = f"{_HOST}/{_process_start(_pid)}"
+    return owner
 
 
 def _process_start(pid: int) -> str:
@@ -1200,6 +1288,42 @@ def _machine() -> str:
 _HOST = _machine()
 
 
+class _Signer:
+    """Signs what a shared store keeps, and checks it before anything is unpickled.
+
+    Whoever can write the store (a Redis shared with other services, a folder others can
+    write) could otherwise plant a pickle that runs code in every web process. The MAC is
+    an HMAC-SHA256 keyed from the app's SECRET_KEY (SECRET_KEY_FALLBACKS are accepted for
+    reading, so the key can rotate), over the row's token and the bytes: an outcome cannot
+    be moved to another row either.
+    """
+
+    __slots__ = ("keys",)
+
+    def __init__(self, secrets: Iterable[str | bytes]) -> None:
+        self.keys = [
+            hashlib.sha256(b"flask_executor outcome\0" + _bytes(secret)).digest()
+            for secret in secrets
+        ]
+
+    def sign(self, token: str, data: bytes) -> bytes:
+        return self._mac(self.keys[0], token, data) + data
+
+    def verify(self, token: str, blob: bytes) -> bytes | None:
+        """The signed bytes, or None if no key of this app signed them for ``token``."""
+        mac, data = blob[:32], blob[32:]
+        signed = any(hmac.compare_digest(mac, self._mac(key, token, data)) for key in self.keys)
+        return data if signed else None
+
+    @staticmethod
+    def _mac(key: bytes, token: str, data: bytes) -> bytes:
+        return hmac.new(key, token.encode() + b"\0" + data, hashlib.sha256).digest()
+
+
+def _bytes(secret: str | bytes) -> bytes:
+    return secret.encode() if isinstance(secret, str) else secret
+
+
 def _outcome(fn: Task, exc: BaseException | None, result: Any = None) -> bytes:
     """A task's outcome as a store keeps it: (pickled exception or result, whether it
     failed, a summary, the traceback text), so a process that cannot re-create the value
@@ -1219,9 +1343,9 @@ def _outcome(fn: Task, exc: BaseException | None, result: Any = None) -> bytes:
     return pickle.dumps((pickled, exc is not None, summary, text))
 
 
-def _loads(outcome: bytes | None, task: str) -> tuple[bool, Any]:
-    """(failed, the exception or result) of a stored outcome."""
-    pickled, failed, summary, text = pickle.loads(outcome or b"")
+def _loads(data: bytes, task: str) -> tuple[bool, Any]:
+    """(failed, the exception or result) of a stored outcome whose signature was checked."""
+    pickled, failed, summary, text = pickle.loads(data)
     try:
         value = pickle.loads(pickled)
     except Exception as why:
@@ -1246,11 +1370,13 @@ class _NotStarted(concurrent.futures.CancelledError):
 
 class _StoredTask:
     """A stored task: marks its row running as it starts (not at all if it was cancelled),
-    and stores its outcome before the submitter's future has it, so every read agrees."""
+    and stores its outcome before the submitter's future has it, so every read agrees (if
+    the store is locked past _PATIENCE, the owner stores it a little later)."""
 
-    def __init__(self, store: FuturesStore, row_id: int, future_key: Any, fn: Task) -> None:
+    def __init__(self, futures: _SharedFutures, token: str, future_key: Any, fn: Task) -> None:
         functools.update_wrapper(self, fn, updated=())  # its name: errors, process checks
-        self.store, self.row_id, self.future_key, self.fn = store, row_id, future_key, fn
+        self.store, self.signer, self.token = futures.store, futures.signer, token
+        self.future_key, self.fn = future_key, fn
         self.recorded = False  # this copy stored the outcome (in a process worker: its copy)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:  # on a pool of a Backend of yours
@@ -1258,7 +1384,11 @@ class _StoredTask:
 
     def run(self, task: Any, args: Any, kwargs: Any) -> Any:
         """Mark the row running, call the task's function, store its outcome."""
-        if not self.store.start(self.row_id):
+        try:
+            started = self.store.start(self.token, _PATIENCE)
+        except Exception:  # the store is locked or away: it runs, unmarked
+            started = True
+        if not started:
             raise _NotStarted(f"stored future {self.future_key!r} was cancelled")
         try:
             result = _call(task, self.fn, args, kwargs)
@@ -1270,51 +1400,87 @@ class _StoredTask:
         return result
 
     def _record(self, outcome: bytes) -> None:
-        with contextlib.suppress(Exception):  # the store is away: the owner tries again
-            self.store.finish(self.row_id, outcome)
+        """Store the outcome; if the row was cancelled meanwhile (from another process),
+        raise: the submitter's future is then cancelled too, as every reader sees it."""
+        try:
+            signed = self.signer.sign(self.token, outcome)
+            stored = self.store.finish(self.token, signed, _PATIENCE)
             self.recorded = True
+            row = None if stored else self.store.read(token=self.token)
+        except Exception:  # the store is away: the owner tries again
+            return
+        if row is not None and row.state == CANCELLED:
+            raise _NotStarted(f"stored future {self.future_key!r} was cancelled")
 
 
 class _StoredFuture(Future):  # type: ignore[type-arg]
-    """A stored future as a shared store has it: each read asks the store again, by id.
+    """A stored future as a shared store has it: each read asks the store again.
 
-    Done-callbacks added to it run in the thread whose read sees the task finish; it is
-    not woken by itself, so ``concurrent.futures.wait`` on it alone does not return.
+    Polls (done, running, cancelled) read the row's state; result() and exception() load
+    its outcome once. Done-callbacks added to it run in the thread whose read sees the task
+    finish; it is not woken by itself, so ``concurrent.futures.wait`` on it does not return.
     """
 
     def __init__(self, futures: _SharedFutures, future_key: Any, row: Row) -> None:
         super().__init__()
-        self._futures, self._key, self._row_id = futures, future_key, row[0]
+        self._futures, self._key, self._token, self._task = futures, future_key, row.token, row.task
+        self._loaded = False
         with self._condition:
             self._update(row)
 
     def _update(self, row: Row | None) -> None:
         if row is None:
-            error = KeyError(f"stored future {self._key!r} was dropped from the store")
-            return self.set_exception(error)
-        state, owner, task, outcome = row[1:]
-        if state in (PENDING, RUNNING):
-            if self._futures.store.alive(owner):
-                self._state = state.upper()
-                return
+            self._exception, self._loaded = KeyError(self._gone()), True
+        elif row.state in (PENDING, RUNNING) and self._futures.store.alive(row.owner):
+            self._state = row.state.upper()
+            return
+        elif row.state in (PENDING, RUNNING):  # its owner is gone: so it is for everyone
             lost = concurrent.futures.BrokenExecutor(
-                f"stored future {self._key!r} is lost: the process {owner} that ran its task "
-                f"{task} is gone"
+                f"stored future {self._key!r} is lost: the process {row.owner} that ran its "
+                f"task {row.task} is gone"
             )
-            outcome = _outcome(self.cancel, lost)
-            self._futures.store.finish(self._row_id, outcome)  # so it is lost for everyone
-            state = FINISHED
-        if state == CANCELLED:
-            self._state = "CANCELLED_AND_NOTIFIED"
-            self._condition.notify_all()
-            return self._invoke_callbacks()  # type: ignore[attr-defined,no-any-return]
-        failed, value = _loads(outcome, task)
-        (self.set_exception if failed else self.set_result)(value)
+            outcome = self._futures.signer.sign(self._token, _outcome(self.cancel, lost))
+            self._futures.store.finish(self._token, outcome, 30)
+            return self._update(self._futures.store.read(token=self._token))
+        self._state = "CANCELLED_AND_NOTIFIED" if row and row.state == CANCELLED else "FINISHED"
+        self._condition.notify_all()
+        self._invoke_callbacks()  # type: ignore[attr-defined]
+
+    def _gone(self) -> str:
+        return (
+            f"stored future {self._key!r} is no longer in the store: popped futures are kept "
+            f"{_POPPED_KEPT / 3600:g} hours after their task finished, others until "
+            "EXECUTOR_FUTURES_TTL or EXECUTOR_FUTURES_MAX_LENGTH drops them"
+        )
+
+    def _load(self) -> None:
+        """Read the outcome of a finished row (once), checking its signature first."""
+        with self._condition:
+            if self._state != "FINISHED" or self._loaded:
+                return
+            blob = self._futures.store.outcome(self._token)
+            data = None if blob is None else self._futures.signer.verify(self._token, blob)
+            value: Any
+            if blob is None:
+                failed, value = True, KeyError(self._gone())
+            elif data is None:
+                failed, value = True, RuntimeError(
+                    f"stored future {self._key!r}: the store holds an outcome this app did not "
+                    "write (its signature does not match the app's SECRET_KEY); it was not "
+                    "unpickled. Give every process that shares the store the same SECRET_KEY"
+                )  # fmt: skip
+            else:
+                failed, value = _loads(data, self._task)
+            if failed:
+                self._exception = value
+            else:
+                self._result = value
+            self._loaded = True
 
     def _refresh(self) -> None:
         with self._condition:  # one read at a time resolves it
             if self._state in ("PENDING", "RUNNING"):
-                self._update(self._futures.store.read_id(self._row_id))
+                self._update(self._futures.store.read(token=self._token))
 
     def done(self) -> bool:
         self._refresh()
@@ -1331,19 +1497,23 @@ class _StoredFuture(Future):  # type: ignore[type-arg]
     def cancel(self) -> bool:
         """Cancel the task, pending or running, for every process at once. Its owner asks
         a running task to stop: at once in this process, else within _WATCH_EVERY s."""
-        local = self._futures._local.get(self._row_id)  # its task is this process's
+        local = self._futures._local.get(self._token)  # its task is this process's
         if local is None or not (local.cancel() or local.done()):  # a pool of yours: it may
-            self._futures.store.cancel(self._row_id)  # not stop a running task; the store can
+            self._futures.store.cancel(self._token)  # not stop a running task; the store can
         # (else the local future's done-callback has stored the cancel)
         return self.cancelled()
 
     def result(self, timeout: float | None = None) -> Any:
-        return super().result(self._poll(timeout))
+        self._poll(timeout)
+        self._load()
+        return super().result(0)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        return super().exception(self._poll(timeout))
+        self._poll(timeout)
+        self._load()
+        return super().exception(0)
 
-    def _poll(self, timeout: float | None) -> float:
+    def _poll(self, timeout: float | None) -> None:
         """Wait for the task, reading the store with a backoff (1 ms, doubling to 50 ms)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = 0.001
@@ -1355,28 +1525,44 @@ class _StoredFuture(Future):  # type: ignore[type-arg]
                 )
             _sleep(min(delay, left))
             delay = min(delay * 2, 0.05)
-        return 0
+
+
+def _hub_here() -> Any:
+    """gevent's hub of this thread, if it has one; never makes one (a hub holds file
+    descriptors that only its thread closes). gevent has no public way to ask this; its
+    _hub_local module does (test_gevent_hub_lookup fails if it moves)."""
+    if "gevent" not in sys.modules:
+        return None
+    from gevent._hub_local import get_hub_if_exists
+
+    return get_hub_if_exists()
 
 
 def _sleep(seconds: float) -> None:
-    """Sleep without blocking gevent's hub, monkey-patched or not."""
+    """Sleep without blocking gevent's hub, in a thread that has one; else a plain sleep
+    (the original time.sleep, where gevent has monkey-patched it)."""
     gevent = sys.modules.get("gevent")
-    (gevent.sleep if gevent is not None else time.sleep)(seconds)
+    if gevent is None:
+        return time.sleep(seconds)
+    if _hub_here() is not None:
+        return gevent.sleep(seconds)  # type: ignore[no-any-return]
+    monkey = sys.modules.get("gevent.monkey")  # not imported: nothing was patched
+    (time.sleep if monkey is None else monkey.get_original("time", "sleep"))(seconds)
 
 
 class _SharedFutures(FutureCollection):
     """The futures dict over a shared store: every process sees the same keys and outcomes.
 
     Reads return fresh views of the stored rows (:class:`_StoredFuture`); the task and its
-    done-callbacks run in the process that submitted it, which stores the outcome.
+    done-callbacks run in the process that submitted it, which stores the outcome. A thread
+    watches the store for cancels from other processes while a task of this process runs.
     """
 
-    def __init__(
-        self, store: FuturesStore, max_length: int | None, ttl: float | None, logger: Any
-    ) -> None:
+    def __init__(self, store: FuturesStore, max_length: int | None, ttl: float | None,
+                 logger: Any, signer: _Signer) -> None:  # fmt: skip
         super().__init__(max_length, logger)
-        self.store, self.ttl = store, ttl
-        self._local: weakref.WeakValueDictionary[int, Future[Any]] = weakref.WeakValueDictionary()
+        self.store, self.ttl, self.signer = store, ttl, signer
+        self._local: weakref.WeakValueDictionary[str, Future[Any]] = weakref.WeakValueDictionary()
         self._watching = False  # a thread watches the store for cancels of _local's tasks
         self._watch_lock = threading.Lock()  # guards _watching
 
@@ -1384,30 +1570,26 @@ class _SharedFutures(FutureCollection):
         self._store(future_key, future, lambda _: future)
 
     def _store(self, future_key: Any, fn: Any, start: Callable[[Task], Future[T]]) -> Future[T]:
-        text = _key_text(future_key)
-        claimed = self.store.claim(text, _owner(), _task_name(fn), self.max_length, self.ttl)
-        if claimed is None:
+        text, token = _key_text(future_key), os.urandom(16).hex()
+        dropped = self.store.claim(text, token, _owner(), _task_name(fn), self.max_length, self.ttl)
+        if dropped is None:
             raise ValueError(_taken(future_key))
-        row_id, dropped = claimed
         for key in dropped:
-            self._logger.warning(
-                "futures store full (%s futures, EXECUTOR_FUTURES_MAX_LENGTH): dropped the "
-                "stored future %r while its task is still running (the task goes on); "
-                "raise EXECUTOR_FUTURES_MAX_LENGTH or pop futures once read",
-                self.max_length,
-                _key_of(key),
-            )
-        task = _StoredTask(self.store, row_id, future_key, fn)
+            self._evicted(_key_of(key))
+        task = _StoredTask(self, token, future_key, fn)
         try:
             future = start(task)
         except BaseException:
-            self.store.forget(row_id)  # nothing was queued: free the key
+            self.store.forget(token)  # nothing was queued: free the key
             raise
-        self._local[row_id] = future
+        with self._watch_lock:
+            self._local[token] = future
         if not self._watching:
             self._watch()
+        if isinstance(future, _ContextFuture):
+            future._gate = functools.partial(self._gate, task)
         Future.add_done_callback(future, functools.partial(self._record, task, future is fn))
-        future._stored = (text, row_id)  # type: ignore[attr-defined]
+        future._stored = (text, token)  # type: ignore[attr-defined]
         return future
 
     def _watch(self) -> None:
@@ -1419,46 +1601,72 @@ class _SharedFutures(FutureCollection):
                 threading.Thread(target=self._watch_store, name=name, daemon=True).start()
 
     def _watch_store(self) -> None:
-        """Every _WATCH_EVERY s, while a stored task runs here, read its row: cancelled
-        there (by another process), its future is cancelled here, and its task stopped.
-        Nothing is read while none runs; the thread ends once all are done."""
+        """Every _WATCH_EVERY s, while a stored task of this process is unfinished, read
+        its row: cancelled there (by another process), its future is cancelled here, and
+        its task stopped. Nothing is read while none is; the thread ends then."""
         while True:
-            time.sleep(_WATCH_EVERY)  # a greenlet's sleep where threads are monkey-patched
+            _sleep(_WATCH_EVERY)
             with self._watch_lock:
-                futures = [(row_id, f) for row_id, f in self._local.items() if not f.done()]
+                futures = [(token, f) for token, f in self._local.items() if not f.done()]
                 self._watching = bool(futures)
             if not futures:
                 return
-            for row_id, future in futures:
-                if future.running():
-                    with contextlib.suppress(Exception):  # the store is away: next time
-                        row = self.store.read_id(row_id)
-                        if row is not None and row[1] == CANCELLED:
-                            future.cancel()
+            for token, future in futures:
+                try:
+                    row = self.store.read(token=token)
+                    if row is not None and row.state == CANCELLED:
+                        future.cancel()
+                except Exception:  # the store is away: next time
+                    continue
+
+    def _gate(self, task: _StoredTask, error: BaseException) -> BaseException | None:
+        """Store a stop (a cancel, a time limit) before the future shows it: the error to
+        show, or None if the row holds another outcome already (then that one stands)."""
+        try:
+            if isinstance(error, concurrent.futures.CancelledError):
+                stored = self.store.cancel(task.token)
+            else:
+                outcome = self.signer.sign(task.token, _outcome(task.fn, error))
+                stored = self.store.finish(task.token, outcome, _PATIENCE)
+            row = None if stored else self.store.read(token=task.token)
+        except Exception:  # the store is away: stop here; _record stores it later
+            return error
+        if row is None or row.state == CANCELLED:
+            return error if row is None or stored else _cancelled_error(task.fn)
+        return None
 
     def _record(self, task: _StoredTask, added: bool, future: Future[Any]) -> None:
-        """Store what the task did not: a cancel, a stop, a pool's failure, an added future."""
+        """Store what the task did not: a cancel, a stop, a pool's failure, an added future,
+        an outcome the task could not write (then from a thread: the store is busy)."""
         future._retrieved = True  # type: ignore[attr-defined]  # kept for reads by key
         if task.recorded and not added:
             return
-        if future.cancelled():
-            outcome = None
-        else:
+        outcome = None
+        if not future.cancelled():
             exc = future.exception()
-            outcome = _outcome(task.fn, exc, None if exc else future.result())
-        for delay in (0.1, 0.5, 2, 5, 0):  # the store may be away for a moment
+            data = _outcome(task.fn, exc, None if exc else future.result())
+            outcome = self.signer.sign(task.token, data)
+        try:
+            self.store.finish(task.token, outcome, _PATIENCE)
+        except Exception:
+            args = (task, outcome)
+            threading.Thread(target=self._record_later, args=args, daemon=True).start()
+
+    def _record_later(self, task: _StoredTask, outcome: bytes | None) -> None:
+        for delay in (0.5, 2, 5, 15, 0):  # the store may be away for a while
             try:
-                return self.store.finish(task.row_id, outcome)
+                self.store.finish(task.token, outcome, 30)
+                return
             except Exception:
                 if not delay:
                     self._logger.exception(
                         "could not store the outcome of %s: its key reads as unfinished",
                         _task_name(task.fn),
                     )
-                _sleep(delay)
+                time.sleep(delay)
 
     def get(self, future_key: Any, default: Any = None) -> Any:
-        row = self.store.read(_read_key(future_key))
+        row = self.store.read(key=_read_key(future_key))
         return default if row is None else _StoredFuture(self, future_key, row)
 
     def __getitem__(self, future_key: Any) -> Future[Any]:
@@ -1472,19 +1680,18 @@ class _SharedFutures(FutureCollection):
         return None if row is None else _StoredFuture(self, future_key, row)
 
     def keys(self) -> list[Any]:
-        texts = self.store.keys()
-        return [_key_of(text) for text in texts]
+        return [_key_of(text) for text in self.store.keys()]  # noqa: SIM118
 
     def __len__(self) -> int:
         return len(self.store.keys())
 
     def __contains__(self, future: object) -> bool:
         if isinstance(future, _StoredFuture):
-            stored: Any = (_read_key(future._key), future._row_id)
+            stored: Any = (_read_key(future._key), future._token)
         else:
             stored = getattr(future, "_stored", None)
-        row = None if stored is None else self.store.read(stored[0])
-        return row is not None and row[0] == stored[1]
+        row = None if stored is None else self.store.read(key=stored[0])
+        return row is not None and row.token == stored[1]
 
     def values(self) -> list[Future[Any]]:
         return [future for _, future in self.items()]
@@ -1521,13 +1728,32 @@ def _filesystem(folder: str, table: str = "/proc/mounts") -> str:
     return kind
 
 
+def _file_id(path: str) -> tuple[int, ...] | None:
+    """Which file ``path`` is now: the database's device and inode, and its "-gen" marker's
+    inode, made anew whenever the file is (re)created (inode numbers of deleted files are
+    reused at once, so the database's alone cannot tell a new file from the old)."""
+    try:
+        db, gen = os.stat(path), os.stat(path + "-gen")
+    except OSError:
+        return None
+    return db.st_dev, db.st_ino, gen.st_ino
+
+
+def _db_id(path: str) -> str:
+    with contextlib.suppress(OSError):
+        stat = os.stat(path)
+        return f"{stat.st_dev}:{stat.st_ino}"
+    return ""
+
+
 class SQLiteStore(FuturesStore):
     """Rows in a SQLite file (WAL), shared by the processes of one machine that share a pid
     namespace (containers with their own pids cannot tell whether each other's are alive).
 
-    Connections come from a pool of this process's (a forked child opens its own), and are
-    opened again if the file is replaced. A locked database is waited for in short sleeps
-    that let gevent's other greenlets run.
+    Connections come from a pool of this process's (a forked child opens its own). Every
+    checkout checks which file the path names: a deleted or replaced file is opened
+    (created) again, in every process. A locked database is waited for in short sleeps that
+    let gevent's other greenlets run.
     """
 
     def __init__(self, path: str, namespace: str = "") -> None:
@@ -1549,17 +1775,17 @@ class SQLiteStore(FuturesStore):
 
     def _setup(self, path: str, namespace: str) -> None:
         self.path, self.namespace = os.path.abspath(path), namespace
-        self._pid, self._inode = -1, -1
-        self._idle: list[sqlite3.Connection] = []
+        self._pid = -1
+        self._idle: list[tuple[Any, sqlite3.Connection]] = []  # (file id, connection)
         self._idle_lock = threading.Lock()  # guards _idle
-        self._inherited: list[sqlite3.Connection] = []  # a parent's: kept, never used or closed
+        self._inherited: list[Any] = []  # a parent's: kept, never used or closed
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_shared_store, (type(self), self.path, self.namespace))
 
-    def _run(self, op: Callable[[sqlite3.Connection], T]) -> T:
+    def _run(self, op: Callable[[sqlite3.Connection], T], wait: float = 30.0) -> T:
         """``op(connection)``, again after a short sleep while the database is locked."""
-        delay, deadline = 0.001, time.monotonic() + 30
+        delay, deadline = 0.001, time.monotonic() + wait
         while True:
             with self._db() as db:
                 try:
@@ -1578,36 +1804,48 @@ class SQLiteStore(FuturesStore):
                 if self._pid != _pid:
                     self._inherited += self._idle
                     self._idle, self._idle_lock, self._pid = [], threading.Lock(), _pid
-        try:
-            inode = os.stat(self.path).st_ino
-        except OSError:
-            inode = -2
-        if inode != self._inode:  # replaced or deleted: open (create) it again
-            with self._idle_lock:
-                self._idle = []
         with self._idle_lock:
-            db = self._idle.pop() if self._idle else None
-        db = db or self._connect()
-        opened = self._inode
+            entry = self._idle.pop() if self._idle else None
+        if entry is None or entry[0] != _file_id(self.path):  # else replaced or deleted
+            entry = self._connect()
         try:
-            yield db
+            yield entry[1]
         finally:
-            if db.in_transaction:
-                db.rollback()
+            if entry[1].in_transaction:
+                entry[1].rollback()
             with self._idle_lock:
-                if self._inode == opened:  # not the file replaced meanwhile
-                    self._idle.append(db)
+                self._idle.append(entry)
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self) -> tuple[Any, sqlite3.Connection]:
+        """A new connection, and the file it opened. A WAL left behind by a deleted or
+        replaced file would be read as the new file's: so, under an exclusive lock on the
+        "-lock" file, the "-wal" and "-shm" are removed first unless the "-gen" marker says
+        they belong to the file the path names now (the marker is written after them)."""
+        with open(self.path + "-lock", "a+b") as lock:
+            _lock_file(lock.fileno())
+            try:
+                with open(self.path + "-gen") as gen:
+                    fresh = gen.read() == _db_id(self.path)
+            except OSError:
+                fresh = False
+            if not fresh:
+                for stale in ("-wal", "-shm"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(self.path + stale)
+            db = self._open()
+            if not fresh:  # a new marker file, with a new inode: see _file_id
+                with open(self.path + "-gen.tmp", "w") as gen:
+                    gen.write(_db_id(self.path))
+                os.replace(self.path + "-gen.tmp", self.path + "-gen")
+            return _file_id(self.path), db
+
+    def _open(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=0.01, isolation_level=None, check_same_thread=False)
-        # Several processes opening a new file at once: switching to WAL does not wait for
-        # the others' locks, and may fail or leave the mode unchanged. Try again a while.
-        for attempt in range(200):
+        for attempt in range(200):  # another process may hold the lock WAL mode needs
             try:
                 if db.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal":
                     db.execute("PRAGMA synchronous=NORMAL")
                     db.executescript(_SCHEMA)
-                    self._inode = os.stat(self.path).st_ino
                     return db
                 error = "it did not switch to WAL"
             except sqlite3.OperationalError as exc:
@@ -1617,72 +1855,69 @@ class SQLiteStore(FuturesStore):
             _sleep(random.uniform(0.005, 0.025) * min(attempt + 1, 4))
         raise RuntimeError(f"cannot open the SQLite futures store {self.path!r}: {error}")
 
-    def claim(
-        self, key: str, owner: str, task: str, max_length: int | None, ttl: float | None
-    ) -> tuple[int, list[str]] | None:
-        return self._run(lambda db: self._claim(db, key, owner, task, max_length, ttl))
+    def claim(self, key: str, token: str, owner: str, task: str, max_length: int | None,
+              ttl: float | None) -> list[str] | None:  # fmt: skip
+        def claim(db: sqlite3.Connection) -> list[str] | None:
+            now, ns = time.time(), self.namespace
+            db.execute("BEGIN IMMEDIATE")
+            db.execute(_DELETE + "key LIKE 'd:%' AND finished < ?", (ns, now - _POPPED_KEPT))
+            if ttl is not None:
+                db.execute(_DELETE + "key NOT LIKE 'd:%' AND finished < ?", (ns, now - ttl))
+            if db.execute(_SELECT + "key = ?", (ns, key)).fetchone():
+                return None  # _db() rolls back
+            count, dropped = db.execute(_COUNT, (ns,)).fetchone()[0], []
+            while max_length is not None and count >= max_length:
+                old, old_key, state = db.execute(_OLDEST, (ns, FINISHED, CANCELLED)).fetchone()
+                db.execute("DELETE FROM executor_rows WHERE token = ?", (old,))
+                if state not in (FINISHED, CANCELLED):
+                    dropped.append(old_key)
+                count -= 1
+            db.execute(
+                "INSERT INTO executor_rows (token, ns, key, owner, task, state) VALUES "
+                "(?, ?, ?, ?, ?, ?)",
+                (token, ns, key, owner, task, PENDING),
+            )
+            db.execute("COMMIT")
+            return dropped
 
-    def _claim(
-        self, db: Any, key: str, owner: str, task: str, max_length: int | None, ttl: float | None
-    ) -> tuple[int, list[str]] | None:
-        now, ns = time.time(), self.namespace
-        db.execute("BEGIN IMMEDIATE")
-        db.execute(_DELETE + "key LIKE 'd:%' AND finished < ?", (ns, now - _POPPED_KEPT))
-        if ttl is not None:
-            db.execute(_DELETE + "key NOT LIKE 'd:%' AND finished < ?", (ns, now - ttl))
-        if db.execute(_SELECT + "key = ?", (ns, key)).fetchone():
-            return None  # _db() rolls back
-        count = db.execute(_COUNT, (ns,)).fetchone()[0]
-        dropped = []
-        while max_length is not None and count >= max_length:
-            row_id, old_key, state = db.execute(_OLDEST, (ns, FINISHED, CANCELLED)).fetchone()
-            db.execute("DELETE FROM executor_futures WHERE id = ?", (row_id,))
-            if state not in (FINISHED, CANCELLED):
-                dropped.append(old_key)
-            count -= 1
-        row_id = db.execute(
-            "INSERT INTO executor_futures (ns, key, owner, task, state) VALUES (?, ?, ?, ?, ?)",
-            (ns, key, owner, task, PENDING),
-        ).lastrowid
-        db.execute("COMMIT")
-        return row_id, dropped
+        return self._run(claim)
 
-    def start(self, row_id: int) -> bool:
+    def start(self, token: str, wait: float) -> bool:
         def start(db: sqlite3.Connection) -> bool:
-            db.execute(_SET_STATE + "id = ? AND state = ?", (RUNNING, None, row_id, PENDING))
-            row = db.execute("SELECT state FROM executor_futures WHERE id = ?", (row_id,))
+            db.execute(_SET_STATE + "token = ? AND state = ?", (RUNNING, None, token, PENDING))
+            row = db.execute("SELECT state FROM executor_rows WHERE token = ?", (token,))
             return bool(row.fetchone() != (CANCELLED,))  # evicted (no row): it still runs
 
-        return self._run(start)
+        return self._run(start, wait)
 
-    def finish(self, row_id: int, outcome: bytes | None) -> None:
+    def finish(self, token: str, outcome: bytes | None, wait: float) -> bool:
         state = CANCELLED if outcome is None else FINISHED
-        self._run(lambda db: db.execute(
-            "UPDATE executor_futures SET state = ?, outcome = ?, finished = ? "
-            "WHERE id = ? AND state IN (?, ?)",
-            (state, outcome, time.time(), row_id, PENDING, RUNNING),
-        ))  # fmt: skip
+        return self._run(lambda db: db.execute(
+            "UPDATE executor_rows SET state = ?, outcome = ?, finished = ? "
+            "WHERE token = ? AND state IN (?, ?)",
+            (state, outcome, time.time(), token, PENDING, RUNNING),
+        ).rowcount == 1, wait)  # fmt: skip
 
-    def forget(self, row_id: int) -> None:
-        self._run(lambda db: db.execute("DELETE FROM executor_futures WHERE id = ?", (row_id,)))
+    def forget(self, token: str) -> None:
+        self._run(lambda db: db.execute("DELETE FROM executor_rows WHERE token = ?", (token,)))
 
-    def read(self, key: str) -> Row | None:
-        return self._select("key = ?", key)
-
-    def read_id(self, row_id: int) -> Row | None:
-        return self._select("id = ?", row_id)
-
-    def _select(self, where: str, value: Any) -> Row | None:
+    def read(self, key: str = "", token: str = "") -> Row | None:
+        where, value = ("key = ?", key) if key else ("token = ?", token)
         row = self._run(lambda db: db.execute(_SELECT + where, (self.namespace, value)).fetchone())
-        return row  # type: ignore[no-any-return]
+        return None if row is None else Row(*row)
 
-    def cancel(self, row_id: int) -> bool:
+    def outcome(self, token: str) -> bytes | None:
+        select = "SELECT outcome FROM executor_rows WHERE token = ?"
+        row = self._run(lambda db: db.execute(select, (token,)).fetchone())
+        return None if row is None else row[0]
+
+    def cancel(self, token: str) -> bool:
         def cancel(db: sqlite3.Connection) -> bool:
             db.execute(
-                _SET_STATE + "id = ? AND state IN (?, ?)",
-                (CANCELLED, time.time(), row_id, PENDING, RUNNING),
+                _SET_STATE + "token = ? AND state IN (?, ?)",
+                (CANCELLED, time.time(), token, PENDING, RUNNING),
             )
-            row = db.execute("SELECT state FROM executor_futures WHERE id = ?", (row_id,))
+            row = db.execute("SELECT state FROM executor_rows WHERE token = ?", (token,))
             return bool(row.fetchone() == (CANCELLED,))
 
         return self._run(cancel)
@@ -1692,40 +1927,46 @@ class SQLiteStore(FuturesStore):
             db.execute("BEGIN IMMEDIATE")
             row = db.execute(_SELECT + "key = ?", (self.namespace, key)).fetchone()
             if row is not None:
-                db.execute(
-                    "UPDATE executor_futures SET key = ? WHERE id = ?", (f"d:{row[0]}", row[0])
-                )
+                db.execute("UPDATE executor_rows SET key = 'd:' || token WHERE token = ?", row[:1])
             db.execute("COMMIT")
-            return row  # type: ignore[no-any-return]
+            return None if row is None else Row(*row)
 
         return self._run(pop)
 
     def keys(self) -> list[str]:
-        def keys(db: sqlite3.Connection) -> list[str]:
-            rows = db.execute(
-                "SELECT key FROM executor_futures WHERE ns = ? AND key NOT LIKE 'd:%' ORDER BY id",
-                (self.namespace,),
-            )
-            return [key for (key,) in rows]
-
-        return self._run(keys)
+        select = "SELECT key FROM executor_rows WHERE ns = ? AND key NOT LIKE 'd:%' ORDER BY seq"
+        rows = self._run(lambda db: db.execute(select, (self.namespace,)).fetchall())
+        return [key for (key,) in rows]
 
     def alive(self, owner: str) -> bool:
         return _alive_here(owner) is not False  # another machine's: cannot tell, so alive
 
 
-_SCHEMA = """CREATE TABLE IF NOT EXISTS executor_futures (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, ns TEXT NOT NULL, key TEXT NOT NULL,
-    owner TEXT NOT NULL, task TEXT NOT NULL, state TEXT NOT NULL, outcome BLOB,
-    finished REAL, UNIQUE (ns, key));
-CREATE INDEX IF NOT EXISTS executor_futures_finished ON executor_futures (ns, finished);"""
-_SELECT = "SELECT id, state, owner, task, outcome FROM executor_futures WHERE ns = ? AND "
-_DELETE = "DELETE FROM executor_futures WHERE ns = ? AND "  # finished rows (NULL < x is not)
-_SET_STATE = "UPDATE executor_futures SET state = ?, finished = ? WHERE "
-_COUNT = "SELECT COUNT(*) FROM executor_futures WHERE ns = ? AND key NOT LIKE 'd:%'"
+def _lock_file(fd: int) -> None:
+    """Take an exclusive lock on ``fd``, waiting in sleeps that let gevent's hub run."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock, and no inode numbers to tell files apart
+        return
+    while True:
+        try:
+            return fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _sleep(0.005)
+
+
+_SCHEMA = """CREATE TABLE IF NOT EXISTS executor_rows (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, token TEXT NOT NULL UNIQUE, ns TEXT NOT NULL,
+    key TEXT NOT NULL, owner TEXT NOT NULL, task TEXT NOT NULL, state TEXT NOT NULL,
+    outcome BLOB, finished REAL, UNIQUE (ns, key));
+CREATE INDEX IF NOT EXISTS executor_rows_finished ON executor_rows (ns, finished);"""
+_SELECT = "SELECT token, state, owner, task FROM executor_rows WHERE ns = ? AND "
+_DELETE = "DELETE FROM executor_rows WHERE ns = ? AND "  # finished rows (NULL < x is not)
+_SET_STATE = "UPDATE executor_rows SET state = ?, finished = ? WHERE "
+_COUNT = "SELECT COUNT(*) FROM executor_rows WHERE ns = ? AND key NOT LIKE 'd:%'"
 _OLDEST = (  # the first to finish, then the oldest unfinished (NULLs sort first: skip them)
-    "SELECT id, key, state FROM executor_futures WHERE ns = ? AND key NOT LIKE 'd:%' "
-    "ORDER BY state NOT IN (?, ?), finished, id LIMIT 1"
+    "SELECT token, key, state FROM executor_rows WHERE ns = ? AND key NOT LIKE 'd:%' "
+    "ORDER BY state NOT IN (?, ?), finished, seq LIMIT 1"
 )
 
 
@@ -1769,49 +2010,49 @@ class RedisStore(FuturesStore):
     def _run(self, name: str, *args: Any) -> Any:
         return self._scripts[name](args=[self._prefix, *args])
 
-    def claim(
-        self, key: str, owner: str, task: str, max_length: int | None, ttl: float | None
-    ) -> tuple[int, list[str]] | None:
+    def claim(self, key: str, token: str, owner: str, task: str, max_length: int | None,
+              ttl: float | None) -> list[str] | None:  # fmt: skip
         if self._leased != _pid:  # the first claim in this process: hold a lease from now
             self._leased = _pid
             self._renew(owner)
             threading.Thread(target=self._renew_forever, args=(owner,), daemon=True).start()
         limits = [-1 if max_length is None else max_length, -1 if ttl is None else ttl]
-        claimed = self._run("claim", key, owner, task, *limits, time.time(), _POPPED_KEPT)
-        if claimed is None:
-            return None
-        return int(claimed[0]), [key.decode() for key in claimed[1:]]
+        claimed = self._run("claim", key, token, owner, task, *limits, time.time(), _POPPED_KEPT)
+        return None if claimed is None else [key.decode() for key in claimed[1:]]
 
     def _renew(self, owner: str) -> None:
         self._redis.set(f"flask_executor:lease:{owner}", 1, px=int(self.lease * 1000))
 
     def _renew_forever(self, owner: str) -> None:
         while self._leased == _pid:
-            _sleep(self.lease / 3)
+            time.sleep(self.lease / 3)  # a greenlet's sleep where threads are monkey-patched
             with contextlib.suppress(Exception):  # Redis away: try again next time
                 self._renew(owner)
 
-    def start(self, row_id: int) -> bool:
-        return bool(self._run("start", row_id))
+    def start(self, token: str, wait: float) -> bool:
+        return bool(self._run("start", token))
 
-    def finish(self, row_id: int, outcome: bytes | None) -> None:
+    def finish(self, token: str, outcome: bytes | None, wait: float) -> bool:
         state = CANCELLED if outcome is None else FINISHED
-        self._run("finish", row_id, state, outcome or b"", time.time())
+        return bool(self._run("finish", token, state, outcome or b"", time.time()))
 
-    def forget(self, row_id: int) -> None:
-        self._run("forget", row_id)
+    def forget(self, token: str) -> None:
+        self._run("forget", token)
 
-    def read(self, key: str) -> Row | None:
-        return _row(self._run("read", key))
+    def read(self, key: str = "", token: str = "") -> Row | None:
+        raw = self._run("read", key, token)
+        return None if raw is None else Row(*(field.decode() for field in raw))
 
-    def read_id(self, row_id: int) -> Row | None:
-        return _row(self._run("read_id", row_id))
+    def outcome(self, token: str) -> bytes | None:
+        outcome: Any = self._redis.hget(self._prefix + "row:" + token, "outcome")
+        return outcome  # type: ignore[no-any-return]
 
-    def cancel(self, row_id: int) -> bool:
-        return bool(self._run("cancel", row_id, time.time()))
+    def cancel(self, token: str) -> bool:
+        return bool(self._run("cancel", token, time.time()))
 
     def pop(self, key: str) -> Row | None:
-        return _row(self._run("pop", key))
+        raw = self._run("pop", key)
+        return None if raw is None else Row(*(field.decode() for field in raw))
 
     def keys(self) -> list[str]:
         return [key.decode() for key in self._run("keys")]
@@ -1823,41 +2064,32 @@ class RedisStore(FuturesStore):
         return bool(self._redis.exists(f"flask_executor:lease:{owner}"))
 
 
-def _row(raw: list[Any] | None) -> Row | None:
-    if raw is None:
-        return None
-    row_id, state, owner, task, *outcome = raw
-    return int(row_id), state.decode(), owner.decode(), task.decode(), (outcome or [None])[0]
-
-
 # Redis: each operation is one Lua script (atomic). ARGV[1] is the namespace's prefix P:
-# P..'keys' maps keys to row ids; P..'row:'..id is a row's hash; the zsets P..'order' (keyed
-# rows by id), P..'done' (finished keyed rows) and P..'gone' (finished popped rows), the
-# last two by finish time.
+# P..'keys' maps keys to tokens; P..'row:'..token is a row's hash; the zsets P..'order'
+# (keyed rows, by a counter), P..'done' (finished keyed rows) and P..'gone' (finished
+# popped rows), the last two by finish time.
 _LUA = """
 local p = ARGV[1]
-local function row(id) return p .. 'row:' .. id end
-local function fetch(id)
-  if not id then return false end
-  local r = redis.call('HMGET', row(id), 'state', 'owner', 'task', 'outcome')
+local function row(t) return p .. 'row:' .. t end
+local function fetch(t)
+  if not t then return false end
+  local r = redis.call('HMGET', row(t), 'state', 'owner', 'task')
   if not r[1] then return false end
-  return {id, r[1], r[2], r[3], r[4]}
+  return {t, r[1], r[2], r[3]}
 end
-local function drop(id)
-  local k = redis.call('HGET', row(id), 'key')
-  if k and redis.call('HGET', p .. 'keys', k) == tostring(id) then
-    redis.call('HDEL', p .. 'keys', k)
-  end
-  redis.call('DEL', row(id))
-  for _, set in ipairs({'order', 'done', 'gone'}) do redis.call('ZREM', p .. set, id) end
+local function drop(t)
+  local k = redis.call('HGET', row(t), 'key')
+  if k and redis.call('HGET', p .. 'keys', k) == t then redis.call('HDEL', p .. 'keys', k) end
+  redis.call('DEL', row(t))
+  for _, set in ipairs({'order', 'done', 'gone'}) do redis.call('ZREM', p .. set, t) end
   return k
 end
-local function settle(id, state, outcome, now)
-  local s = redis.call('HGET', row(id), 'state')
+local function settle(t, state, outcome, now)
+  local s = redis.call('HGET', row(t), 'state')
   if s ~= 'pending' and s ~= 'running' then return 0 end
-  redis.call('HSET', row(id), 'state', state, 'outcome', outcome, 'finished', now)
-  local popped = not redis.call('ZSCORE', p .. 'order', id)
-  redis.call('ZADD', p .. (popped and 'gone' or 'done'), now, id)
+  redis.call('HSET', row(t), 'state', state, 'outcome', outcome, 'finished', now)
+  local popped = not redis.call('ZSCORE', p .. 'order', t)
+  redis.call('ZADD', p .. (popped and 'gone' or 'done'), now, t)
   return 1
 end
 """
@@ -1865,31 +2097,26 @@ _OPS = [
     (
         "claim",
         """
-local key, max_length, ttl, now = ARGV[2], tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', p .. 'gone', '-inf', now - ARGV[8])) do
-  drop(id)
-end
+local key, max_length, ttl, now = ARGV[2], tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+for _, t in ipairs(redis.call('ZRANGEBYSCORE', p .. 'gone', '-inf', now - ARGV[9])) do drop(t) end
 if ttl >= 0 then
-  for _, id in ipairs(redis.call('ZRANGEBYSCORE', p .. 'done', '-inf', now - ttl)) do
-    drop(id)
-  end
+  for _, t in ipairs(redis.call('ZRANGEBYSCORE', p .. 'done', '-inf', now - ttl)) do drop(t) end
 end
 if redis.call('HEXISTS', p .. 'keys', key) == 1 then return false end
-local claimed = {0}
+local dropped = {0}
 local count = redis.call('ZCARD', p .. 'order')
 while max_length >= 0 and count >= max_length do
-  local id = redis.call('ZRANGE', p .. 'done', 0, 0)[1]
-  if id then drop(id) else
-    table.insert(claimed, drop(redis.call('ZRANGE', p .. 'order', 0, 0)[1]))
-  end
+  local t, running = redis.call('ZRANGE', p .. 'done', 0, 0)[1], false
+  if not t then t, running = redis.call('ZRANGE', p .. 'order', 0, 0)[1], true end
+  local k = drop(t)
+  if running then table.insert(dropped, k) end
   count = count - 1
 end
-local id = redis.call('INCR', p .. 'id')
-redis.call('HSET', row(id), 'state', 'pending', 'owner', ARGV[3], 'task', ARGV[4], 'key', key)
-redis.call('HSET', p .. 'keys', key, id)
-redis.call('ZADD', p .. 'order', id, id)
-claimed[1] = id
-return claimed""",
+local t = ARGV[3]
+redis.call('HSET', row(t), 'state', 'pending', 'owner', ARGV[4], 'task', ARGV[5], 'key', key)
+redis.call('HSET', p .. 'keys', key, t)
+redis.call('ZADD', p .. 'order', redis.call('INCR', p .. 'seq'), t)
+return dropped""",
     ),
     (
         "start",
@@ -1900,8 +2127,12 @@ return state ~= 'cancelled' and 1 or 0""",
     ),
     ("finish", "return settle(ARGV[2], ARGV[3], ARGV[4], ARGV[5])"),
     ("forget", "drop(ARGV[2])"),
-    ("read", "return fetch(redis.call('HGET', p .. 'keys', ARGV[2]))"),
-    ("read_id", "return fetch(ARGV[2])"),
+    (
+        "read",
+        """
+if ARGV[2] ~= '' then return fetch(redis.call('HGET', p .. 'keys', ARGV[2])) end
+return fetch(ARGV[3])""",
+    ),
     (
         "cancel",
         """
@@ -1911,16 +2142,16 @@ return redis.call('HGET', row(ARGV[2]), 'state') == 'cancelled' and 1 or 0""",
     (
         "pop",
         """
-local id = redis.call('HGET', p .. 'keys', ARGV[2])
-local r = fetch(id)
+local t = redis.call('HGET', p .. 'keys', ARGV[2])
+local r = fetch(t)
 if not r then return false end
 redis.call('HDEL', p .. 'keys', ARGV[2])
-redis.call('HSET', row(id), 'key', 'd:' .. id)
-redis.call('ZREM', p .. 'order', id)
-local finished = redis.call('ZSCORE', p .. 'done', id)
+redis.call('HSET', row(t), 'key', 'd:' .. t)
+redis.call('ZREM', p .. 'order', t)
+local finished = redis.call('ZSCORE', p .. 'done', t)
 if finished then
-  redis.call('ZREM', p .. 'done', id)
-  redis.call('ZADD', p .. 'gone', finished, id)
+  redis.call('ZREM', p .. 'done', t)
+  redis.call('ZADD', p .. 'gone', finished, t)
 end
 return r""",
     ),
@@ -1928,8 +2159,8 @@ return r""",
         "keys",
         """
 local keys = {}
-for _, id in ipairs(redis.call('ZRANGE', p .. 'order', 0, -1)) do
-  table.insert(keys, redis.call('HGET', row(id), 'key'))
+for _, t in ipairs(redis.call('ZRANGE', p .. 'order', 0, -1)) do
+  table.insert(keys, redis.call('HGET', row(t), 'key'))
 end
 return keys""",
     ),
@@ -1978,6 +2209,7 @@ class _AppState:
         self.max_workers = max_workers
         self.max_length = max_length
         self.store = config.store()
+        self.signer = None if self.store is None else config.signer()
         self.ttl = config.number("EXECUTOR_FUTURES_TTL", None)
         self.limit = config.seconds("EXECUTOR_TIMEOUT")
         self.config = config
@@ -1986,7 +2218,8 @@ class _AppState:
         used = [config.get("EXECUTOR_TYPE", "thread"), max_workers, max_length]
         method = config.get("EXECUTOR_START_METHOD", "spawn")
         store = config.get("EXECUTOR_FUTURES_STORE", "memory")
-        values = [*used, self.propagate, self.push, method, store, self.ttl, self.limit]
+        values = [*used, self.propagate, self.push, method, store, self.ttl, self.limit,
+                  config.namespace()]  # fmt: skip
         for key, value in zip(_KEYS, values):
             app.config.setdefault(config.prefix + key, value)
 
@@ -1996,10 +2229,12 @@ class _AppState:
         The parent's are left untouched: their threads and pipes belong to the parent.
         """
         self.pool = self.backend.create_pool(self.max_workers, self.config)
-        if self.store is None:
+        if self.store is None or self.signer is None:
             self.futures = FutureCollection(self.max_length, self.app.logger)
         else:
-            self.futures = _SharedFutures(self.store, self.max_length, self.ttl, self.app.logger)
+            self.futures = _SharedFutures(
+                self.store, self.max_length, self.ttl, self.app.logger, self.signer
+            )
         self._pool_lock = threading.Lock()  # guards replacing a broken pool
         self.pid = _pid
         if self._shutdown:  # shut down before the fork: stays shut down in the child
@@ -2022,7 +2257,8 @@ class _AppState:
         if type(future) is Future:
             future.__class__ = _ContextFuture
         future._captured = task  # type: ignore[attr-defined]  # for its callbacks and stops
-        if self.limit is not None and self.contexts:  # (the process pool watches its own)
+        if self.limit is not None and self.contexts and isinstance(future, _ContextFuture):
+            # (the process pool watches its own; another pool's futures cannot be stopped)
             started = functools.partial(getattr, task, "started")
             _watchdog().add(_Limit(future, started, task.fn, self.limit))
         return future

@@ -224,6 +224,7 @@ def store_costs(store: str, n: int) -> dict[str, float]:
     request, thread backend with its workers held busy (the caller's own cost)."""
     app = Flask("stores")
     app.config.update(EXECUTOR_FUTURES_STORE=store, EXECUTOR_FUTURES_MAX_LENGTH=None)
+    app.config["SECRET_KEY"] = "bench"
     app.config["EXECUTOR_MAX_WORKERS"] = WORKERS
     executor = flask_executor.Executor(app)
     side = Side(executor.submit, wait_futures, busy=WORKERS)
@@ -238,6 +239,9 @@ def store_costs(store: str, n: int) -> dict[str, float]:
             executor.futures.result(k, timeout=120)
         costs["poll"] = per_call(executor.futures.done, keys[1:])
         costs["pop"] = per_call(executor.futures.pop, keys[1:])
+        executor.submit_stored("big", bytes, 50_000_000).result(120)  # a 50 MB result
+        executor.futures.result("big", timeout=120)
+        costs["big poll"] = per_call(executor.futures.done, ["big"] * 40)
     executor.shutdown()
     return {name: statistics.median(values) for name, values in costs.items()}
 
@@ -256,7 +260,7 @@ def per_call(call: Callable[[str], object], keys: list[str], batch: int = 20) ->
 def polls_per_second(store: str, processes: int, seconds: float) -> float:
     """Polls of a finished key per second, summed over `processes` processes at once."""
     app = Flask("stores")
-    app.config["EXECUTOR_FUTURES_STORE"] = store
+    app.config.update(EXECUTOR_FUTURES_STORE=store, SECRET_KEY="bench")
     executor = flask_executor.Executor(app)
     with app.app_context():
         executor.submit_stored("polled", noop).result(60)
@@ -269,7 +273,7 @@ def polls_per_second(store: str, processes: int, seconds: float) -> float:
 
 def poll_for(store: str, seconds: float) -> int:
     app = Flask("stores")
-    app.config["EXECUTOR_FUTURES_STORE"] = store
+    app.config.update(EXECUTOR_FUTURES_STORE=store, SECRET_KEY="bench")
     executor = flask_executor.Executor(app)
     polls, deadline = 0, time.monotonic() + seconds
     with app.app_context():
@@ -317,14 +321,15 @@ def stores(smoke: bool) -> None:
     if redis is not None:
         urls["Redis"] = redis[0]
     n, seconds = (100, 0.2) if smoke else (4000, 2.0)
-    print("\n| store | submit_stored µs | poll µs | pop µs | polls/s, 4 processes |")
-    print("| --- | --- | --- | --- | --- |")
+    print("\n| store | submit_stored µs | poll µs | poll of a 50 MB result µs | pop µs | "
+          "polls/s, 4 processes |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- |")
     try:
         for name, url in urls.items():
             c = store_costs(url, n)
             rate = polls_per_second(url, 4, seconds)
-            print(f"| {name} | {c['submit_stored']:.1f} | {c['poll']:.1f} | {c['pop']:.1f} | "
-                  f"{rate:,.0f} |", flush=True)  # fmt: skip
+            print(f"| {name} | {c['submit_stored']:.1f} | {c['poll']:.1f} | "
+                  f"{c['big poll']:.1f} | {c['pop']:.1f} | {rate:,.0f} |", flush=True)  # fmt: skip
     finally:
         if redis is not None:
             redis[1].kill()
