@@ -28,10 +28,12 @@ Config keys, read from ``app.config``, else the environment (``Executor(name='ma
 from __future__ import annotations
 
 import abc
+import asyncio
 import collections
 import concurrent.futures
 import contextlib
 import contextvars
+import difflib
 import functools
 import hashlib
 import heapq
@@ -454,6 +456,14 @@ class _GeventExecutor(concurrent.futures.Executor):
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
+        if self._getcurrent().parent is None and not _runs_a_hub():
+            raise RuntimeError(
+                "EXECUTOR_TYPE='gevent' runs tasks as greenlets of the submitting thread's "
+                f"gevent hub, and this thread ({threading.current_thread().name}) runs none: "
+                "its tasks would never run. Serve the app with gevent (gunicorn -k gevent, "
+                "gevent.pywsgi) or call gevent.monkey.patch_all() first, or use "
+                "EXECUTOR_TYPE='thread'"
+            )
         future = _GeventFuture()
         future._hub = self._get_hub()  # the hub whose loop will run the greenlet
         if self._pool.full():
@@ -486,6 +496,15 @@ class _GeventExecutor(concurrent.futures.Executor):
                 Future.cancel(self._waiting.popleft()[0])
         while wait and (self._pool or self._waiting):
             self._pool.join()
+
+
+def _runs_a_hub() -> bool:
+    """Whether this thread, outside any greenlet, lets gevent's hub run: monkey-patched
+    threads and the main thread do (a script's main thread runs it while it waits on a
+    result); a plain thread of a threaded server never does."""
+    monkey = sys.modules.get("gevent.monkey")
+    patched = monkey is not None and monkey.is_module_patched("threading")
+    return patched or threading.current_thread() is threading.main_thread()
 
 
 def _run_in_future(future: Any, fn: Task, args: tuple[Any, ...], kwargs: Any) -> None:
@@ -682,6 +701,8 @@ def _call(task: _Task | _WorkerTask, fn: Task, args: Any, kwargs: Any) -> Any:
     task.inside = True
     try:
         result = fn(*args, **kwargs)
+        if type(result) is types.CoroutineType:  # an async def task: run it to its end
+            result = _run_coroutine(result, fn)
     except BaseException:
         task.inside = False
         error = task.finish()
@@ -693,6 +714,21 @@ def _call(task: _Task | _WorkerTask, fn: Task, args: Any, kwargs: Any) -> Any:
     if error is None:
         return result
     raise error
+
+
+def _run_coroutine(coroutine: Any, fn: Task) -> Any:
+    """Run an ``async def`` task's coroutine to its end, in an event loop of its own (in the
+    task's contexts: asyncio copies them). Not on gevent: greenlets of one thread would
+    share asyncio's one running loop per thread."""
+    gevent = sys.modules.get("gevent")
+    if gevent is not None and gevent.getcurrent().parent is not None:
+        coroutine.close()
+        raise TypeError(
+            f"{_task_name(fn)} is an async def function: EXECUTOR_TYPE='gevent' cannot run "
+            "it (its greenlets would share one asyncio loop); make it a plain function, or "
+            "use EXECUTOR_TYPE='thread'"
+        )
+    return asyncio.run(coroutine)
 
 
 class _WorkerTask:
@@ -2298,6 +2334,21 @@ class _AppState:
             self.pool.shutdown(wait=wait)
 
 
+def _warn_unknown_keys(app: Flask) -> None:
+    """Warn once per app about a ``*EXECUTOR_*`` config key no executor reads (a typo:
+    EXECUTOR_TIMOUT), naming the closest key that is read."""
+    warned = app.extensions.setdefault(f"{__name__}:unknown keys", set())
+    for key in app.config:
+        prefix, found, rest = str(key).partition("EXECUTOR_")
+        known = f"EXECUTOR_{rest}" in _KEYS and re.fullmatch(r"(\w+_)?", prefix)
+        if not found or known or key in warned:
+            continue
+        warned.add(key)
+        close = difflib.get_close_matches(f"EXECUTOR_{rest}", _KEYS, 1, 0.6)
+        hint = f"did you mean {prefix}{close[0]}?" if close else f"the keys are {', '.join(_KEYS)}"
+        app.logger.warning("config key %s is not one flask_executor reads: %s", key, hint)
+
+
 def _in_this_process(state: _AppState) -> _AppState:
     """The state, with its own pool in this process: the first use after a fork."""
     with _fork_lock:
@@ -2341,6 +2392,7 @@ class Executor(concurrent.futures.Executor):
         """
         app = getattr(app, "_get_current_object", lambda: app)()  # current_app works too
         state = _AppState(self, app)  # may raise: the app is left as it was
+        _warn_unknown_keys(app)
         old: _AppState | None = app.extensions.get(self._state_key)
         if old is not None:
             app.logger.warning(
@@ -2436,7 +2488,10 @@ class Executor(concurrent.futures.Executor):
 
     @property
     def futures(self) -> FutureCollection:
-        """The futures dict of ``current_app`` (else of the only app)."""
+        """The futures dict of ``current_app`` (else of the only app). Read before
+        init_app (1.0 code keeps it at import time), it finds that dict when used."""
+        if not self._apps:
+            return _FuturesOf(self)  # type: ignore[return-value]
         return self._state().futures
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -2451,6 +2506,30 @@ class Executor(concurrent.futures.Executor):
     def _self(self) -> concurrent.futures.Executor:
         """1.0's name for the current app's pool."""
         return self._state().pool
+
+
+class _FuturesOf:
+    """``executor.futures`` read before init_app: each use is the current app's dict's."""
+
+    __slots__ = ("_executor",)
+
+    def __init__(self, executor: Executor) -> None:
+        self._executor = executor
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._executor._state().futures, name)
+
+    def __len__(self) -> int:
+        return len(self._executor._state().futures)
+
+    def __contains__(self, future: object) -> bool:
+        return future in self._executor._state().futures
+
+    def __getitem__(self, future_key: Any) -> Future[Any]:
+        return self._executor._state().futures[future_key]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._executor._state().futures)
 
 
 def _forwarded(name: str) -> property:

@@ -3,6 +3,7 @@ the extension, 1.0 import paths; then gevent, real servers, reliability and data
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures as cf
 import contextlib
 import contextvars
@@ -29,11 +30,21 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 import weakref
 from pathlib import Path
 
 import pytest
-from flask import Flask, current_app, g, request, session, url_for
+from flask import (
+    Flask,
+    current_app,
+    g,
+    has_app_context,
+    has_request_context,
+    request,
+    session,
+    url_for,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
@@ -3280,12 +3291,14 @@ class SlowToPickle:
 
 
 def return_slow_to_pickle() -> SlowToPickle:
-    time.sleep(0.4)
+    time.sleep(0.1)  # stored at 0.5 s (pickled once), back in the web process at 0.9 s
     return SlowToPickle()
 
 
-def end_when_file_exists(path: str) -> str:
+def end_when_file_exists(path: str, started: str = "") -> str:
     """Ignore stop_requested(): end only once ``path`` exists (10 s at most)."""
+    if started:
+        Path(started).touch()
     deadline = time.monotonic() + 10
     while not os.path.exists(path) and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -3346,12 +3359,14 @@ class TestStopProbes:
         app, executor = make_executor(EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=2)
         with app.app_context():
             executor.submit(square, 1).result(TIMEOUT)
-            holders = [executor.submit(end_when_file_exists, str(tmp_path / "go")) for _ in "ab"]
-            queued = [
-                executor.submit(write_until_stopped, str(tmp_path / f"q{n}")) for n in range(3)
-            ]
-            wait_until(lambda: all(f.running() for f in holders + queued[:2]))
-            assert all(f.cancel() for f in holders + queued)
+            go, started = str(tmp_path / "go"), [str(tmp_path / f"h{n}") for n in range(2)]
+            holders = [executor.submit(end_when_file_exists, go, path) for path in started]
+            wait_until(lambda: all(os.path.exists(path) for path in started))  # in the workers
+            assert all(f.cancel() for f in holders)  # they ignore it: their workers stay busy
+            paths = [str(tmp_path / f"q{n}") for n in range(3)]
+            queued = [executor.submit(write_until_stopped, path) for path in paths]
+            wait_until(lambda: all(f.running() for f in queued))  # in the call queue
+            assert all(f.cancel() for f in queued)
             (tmp_path / "go").touch()
             assert executor.submit(square, 3).result(TIMEOUT) == 9
             executor.shutdown(wait=True)
@@ -3383,15 +3398,17 @@ class TestStopProbes:
     def test_a_slow_done_callback_never_holds_up_other_limits(self, make_executor):
         app, executor = make_executor(EXECUTOR_TIMEOUT="0.3", EXECUTOR_MAX_WORKERS=4)
         EVENTS["slow-callback"] = release = threading.Event()
+        EVENTS["blocked"] = unblock = threading.Event()
         with app.app_context():
             first = executor.submit(nap, 10)
             first.add_done_callback(lambda f: release.wait(TIMEOUT))
-            isinstance(first.exception(TIMEOUT), flask_executor.TaskTimeout)
-            second = executor.submit(spin, 10)
+            assert isinstance(first.exception(TIMEOUT), flask_executor.TaskTimeout)
+            second = executor.submit(wait_event, "blocked")  # blocked: only the watchdog can
             started = time.monotonic()
             assert isinstance(second.exception(TIMEOUT), flask_executor.TaskTimeout)
             assert time.monotonic() - started < 0.3 + 0.5
             release.set()
+            unblock.set()
 
     def test_a_time_limit_never_keeps_a_dropped_future_alive(self, make_executor):
         app, executor = make_executor(EXECUTOR_TIMEOUT="3600")
@@ -4354,6 +4371,117 @@ class TestLoky:
             with pytest.raises(cf.BrokenExecutor):
                 executor.submit(die).result(TIMEOUT)
             assert executor.submit(square, 6).result(TIMEOUT) == 36
+
+
+# -- nothing that looks like it works and does not (#22) -------------------------------------
+
+
+async def async_double(x: int) -> tuple[int, str, str]:
+    await asyncio.sleep(0.01)
+    where = request.args.get("q", "") if has_request_context() else ""
+    return 2 * x, current_app.name if has_app_context() else "", where
+
+
+def gevent_in_threads_app() -> Flask:
+    """EXECUTOR_TYPE='gevent' served by a threaded server (a mistake #22 catches)."""
+    app = Flask("gevent_in_threads")
+    app.config["EXECUTOR_TYPE"] = "gevent"
+    executor = Executor(app)
+
+    @app.route("/submit")
+    def submit() -> tuple[str, int]:
+        try:
+            executor.submit(square, 2)
+        except RuntimeError as exc:
+            return str(exc), 500
+        return "queued", 200
+
+    return app
+
+
+class TestNoFalseFronts:
+    def test_gevent_under_gunicorn_gthread_refuses_with_the_fix(self):
+        pytest.importorskip("gunicorn")
+        pytest.importorskip("gevent")
+        port = free_port()
+        app = "test_flask_executor:gevent_in_threads_app()"
+        argv = [sys.executable, "-m", "gunicorn", "-k", "gthread", "-w", "2", "--threads", "4",
+                "-b", f"127.0.0.1:{port}", app]  # fmt: skip
+        server = Server(argv, port)
+        try:
+            with pytest.raises(urllib.error.HTTPError) as error:
+                http_get(f"{server.base}/submit")
+            message = error.value.read().decode()
+            assert error.value.code == 500 and "runs none: its tasks would never run" in message
+            assert "gunicorn -k gevent" in message and "EXECUTOR_TYPE='thread'" in message
+        finally:
+            server.stop()
+
+    def test_gevent_from_a_plain_thread_refuses_and_from_the_main_thread_runs(self, make_executor):
+        pytest.importorskip("gevent")
+        app, executor = make_executor(EXECUTOR_TYPE="gevent")
+        with app.app_context():
+            error = in_thread(lambda: executor.submit(square, 2))
+            assert isinstance(error, RuntimeError) and "would never run" in str(error)
+            assert executor.submit(square, 3).result(TIMEOUT) == 9  # a script waiting on it
+
+    @pytest.mark.parametrize("backend", ["thread", "process"])
+    def test_async_def_tasks_run_to_their_end_in_their_contexts(self, make_executor, backend):
+        app, executor = make_executor(EXECUTOR_TYPE=backend)
+        with app.test_request_context("/?q=async"), warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "coroutine was never awaited"
+            result = executor.submit(async_double, 21).result(TIMEOUT)
+            stored = executor.submit_stored("a", async_double, 2).result(TIMEOUT)
+        if backend == "thread":
+            assert result == (42, "test_app", "async") and stored == (4, "test_app", "async")
+        else:  # process tasks get no contexts
+            assert result == (42, "", "") and stored == (4, "", "")
+
+    def test_async_def_tasks_on_gevent_fail_visibly(self, make_executor):
+        pytest.importorskip("gevent")
+        app, executor = make_executor(EXECUTOR_TYPE="gevent")
+        with app.app_context(), pytest.raises(TypeError, match="async def function: EXECUTOR"):
+            executor.submit(async_double, 1).result(TIMEOUT)
+
+    def test_futures_read_before_init_app_resolve_when_used(self):
+        executor = Executor()
+        futures = executor.futures  # 1.0 code keeps this at import time
+        app = make_app()
+        executor.init_app(app)
+        try:
+            with app.app_context():
+                executor.submit_stored("k", square, 4).result(TIMEOUT)
+                assert futures.done("k") and futures.result("k") == 16 and len(futures) == 1
+                assert futures["k"].result() == 16 and list(futures) == ["k"]
+                assert futures.pop("k").result() == 16 and futures.get("k") is None
+        finally:
+            executor.shutdown()
+
+    def test_a_flood_of_evictions_logs_a_line_not_thousands(self, make_executor, caplog):
+        app, executor = make_executor(EXECUTOR_MAX_WORKERS=1, EXECUTOR_FUTURES_MAX_LENGTH=50)
+        EVENTS["flood"] = release = threading.Event()
+        with app.app_context(), caplog.at_level(logging.WARNING):
+            executor.submit(wait_event, "flood")
+            for n in range(10_000):  # all queued behind the blocker: none is done
+                executor.submit_stored(n, square, n)
+            release.set()
+        lines = [r.getMessage() for r in caplog.records if "futures dict full" in r.getMessage()]
+        assert 1 <= len(lines) <= 2, len(lines)
+        assert "dropped the stored future 0 while its task was still running" in lines[0]
+
+    def test_a_misspelt_key_is_named_once_with_the_closest_key(self, caplog):
+        app = make_app(EXECUTOR_TIMOUT=5, MAIL_EXECUTOR_MAXWORKERS=2, SCHEDULER_EXECUTORS={})
+        with caplog.at_level(logging.WARNING):
+            executors = [Executor(app), Executor(app, name="mail")]
+        for executor in executors:
+            executor.shutdown()
+        lines = [r.getMessage() for r in caplog.records if "is not one" in r.getMessage()]
+        assert lines == [
+            "config key EXECUTOR_TIMOUT is not one flask_executor reads: did you mean "
+            "EXECUTOR_TIMEOUT?",
+            "config key MAIL_EXECUTOR_MAXWORKERS is not one flask_executor reads: did you "
+            "mean MAIL_EXECUTOR_MAX_WORKERS?",
+        ]
 
 
 # -- misuse: the README's error table, row by row (those not tested above) ----------------
