@@ -27,6 +27,7 @@ Config keys, read from ``app.config``, else the environment (``Executor(name='ma
 
 from __future__ import annotations
 
+import _thread
 import abc
 import asyncio
 import collections
@@ -212,7 +213,7 @@ class Config:
                 "pickle there. Set app.secret_key (SECRET_KEY), the same in every process that "
                 "shares the store"
             )
-        return _Signer(secrets)
+        return _Signer(secrets, self.namespace())
 
     def backend(self) -> Backend:
         """The backend named by EXECUTOR_TYPE (or the Backend object given there)."""
@@ -499,12 +500,21 @@ class _GeventExecutor(concurrent.futures.Executor):
 
 
 def _runs_a_hub() -> bool:
-    """Whether this thread, outside any greenlet, lets gevent's hub run: monkey-patched
-    threads and the main thread do (a script's main thread runs it while it waits on a
-    result); a plain thread of a threaded server never does."""
+    """Whether this thread, outside any greenlet, lets gevent's hub run: the main thread
+    does (a script's main thread runs it while it waits on a result); a plain thread of a
+    threaded server, or a native thread of a monkey-patched process, never does."""
+    return _MAIN_OS_THREAD is None or _os_thread() == _MAIN_OS_THREAD
+
+
+def _os_thread() -> int:
+    """This OS thread's id (threading's is a greenlet's under gevent's monkey-patching)."""
     monkey = sys.modules.get("gevent.monkey")
-    patched = monkey is not None and monkey.is_module_patched("threading")
-    return patched or threading.current_thread() is threading.main_thread()
+    get_ident = _thread.get_ident if monkey is None else monkey.get_original("_thread", "get_ident")
+    return get_ident()
+
+
+# The main thread's OS id, if this module is imported there (else every thread may submit).
+_MAIN_OS_THREAD = _os_thread() if threading.current_thread() is threading.main_thread() else None
 
 
 def _run_in_future(future: Any, fn: Task, args: tuple[Any, ...], kwargs: Any) -> None:
@@ -724,9 +734,9 @@ def _run_coroutine(coroutine: Any, fn: Task) -> Any:
     if gevent is not None and gevent.getcurrent().parent is not None:
         coroutine.close()
         raise TypeError(
-            f"{_task_name(fn)} is an async def function: EXECUTOR_TYPE='gevent' cannot run "
-            "it (its greenlets would share one asyncio loop); make it a plain function, or "
-            "use EXECUTOR_TYPE='thread'"
+            f"{_task_name(fn)} is an async def function, which cannot run in a gevent "
+            "greenlet (EXECUTOR_TYPE='gevent', or any task under monkey-patching): greenlets "
+            "of one thread would share its one asyncio loop; make it a plain function"
         )
     return asyncio.run(coroutine)
 
@@ -1208,7 +1218,8 @@ class FuturesStore(abc.ABC):
     def claim(self, key: str, token: str, owner: str, task: str, max_length: int | None,
               ttl: float | None) -> list[str] | None:  # fmt: skip
         """Add a pending row under ``key``; None if ``key`` is taken. First delete popped
-        rows finished over _POPPED_KEPT seconds ago, and keyed rows finished over ``ttl``
+        rows finished (unfinished: popped) over _POPPED_KEPT seconds ago, keyed rows
+        finished over ``ttl``
         seconds ago; then, while ``max_length`` keyed rows or more remain, the one that
         finished first, else the oldest: return the keys of those dropped unfinished."""
 
@@ -1234,7 +1245,7 @@ class FuturesStore(abc.ABC):
         """A finished row's outcome."""
 
     @abc.abstractmethod
-    def cancel(self, token: str) -> bool:
+    def cancel(self, token: str, wait: float = 30.0) -> bool:
         """Pending or running to cancelled; True if the row is cancelled now."""
 
     @abc.abstractmethod
@@ -1330,30 +1341,31 @@ class _Signer:
     Whoever can write the store (a Redis shared with other services, a folder others can
     write) could otherwise plant a pickle that runs code in every web process. The MAC is
     an HMAC-SHA256 keyed from the app's SECRET_KEY (SECRET_KEY_FALLBACKS are accepted for
-    reading, so the key can rotate), over the row's token and the bytes: an outcome cannot
-    be moved to another row either.
+    reading, so the key can rotate), over the namespace, the key, the row's token and the
+    bytes: an outcome cannot be moved to another row, key or namespace either.
     """
 
-    __slots__ = ("keys",)
+    __slots__ = ("keys", "namespace")
 
-    def __init__(self, secrets: Iterable[str | bytes]) -> None:
+    def __init__(self, secrets: Iterable[str | bytes], namespace: str = "") -> None:
         self.keys = [
             hashlib.sha256(b"flask_executor outcome\0" + _bytes(secret)).digest()
             for secret in secrets
         ]
+        self.namespace = namespace
 
-    def sign(self, token: str, data: bytes) -> bytes:
-        return self._mac(self.keys[0], token, data) + data
+    def sign(self, key: Any, token: str, data: bytes) -> bytes:
+        return self._mac(self.keys[0], key, token, data) + data
 
-    def verify(self, token: str, blob: bytes) -> bytes | None:
-        """The signed bytes, or None if no key of this app signed them for ``token``."""
+    def verify(self, key: Any, token: str, blob: bytes) -> bytes | None:
+        """The signed bytes, or None if no key of this app signed them for this row."""
         mac, data = blob[:32], blob[32:]
-        signed = any(hmac.compare_digest(mac, self._mac(key, token, data)) for key in self.keys)
-        return data if signed else None
+        macs = (self._mac(secret, key, token, data) for secret in self.keys)
+        return data if any(hmac.compare_digest(mac, other) for other in macs) else None
 
-    @staticmethod
-    def _mac(key: bytes, token: str, data: bytes) -> bytes:
-        return hmac.new(key, token.encode() + b"\0" + data, hashlib.sha256).digest()
+    def _mac(self, secret: bytes, key: Any, token: str, data: bytes) -> bytes:
+        row = f"{self.namespace}\0{_read_key(key)}\0{token}\0".encode()
+        return hmac.new(secret, row + data, hashlib.sha256).digest()
 
 
 def _bytes(secret: str | bytes) -> bytes:
@@ -1439,7 +1451,7 @@ class _StoredTask:
         """Store the outcome; if the row was cancelled meanwhile (from another process),
         raise: the submitter's future is then cancelled too, as every reader sees it."""
         try:
-            signed = self.signer.sign(self.token, outcome)
+            signed = self.signer.sign(self.future_key, self.token, outcome)
             stored = self.store.finish(self.token, signed, _PATIENCE)
             self.recorded = True
             row = None if stored else self.store.read(token=self.token)
@@ -1475,7 +1487,8 @@ class _StoredFuture(Future):  # type: ignore[type-arg]
                 f"stored future {self._key!r} is lost: the process {row.owner} that ran its "
                 f"task {row.task} is gone"
             )
-            outcome = self._futures.signer.sign(self._token, _outcome(self.cancel, lost))
+            lost_outcome = _outcome(self.cancel, lost)
+            outcome = self._futures.signer.sign(self._key, self._token, lost_outcome)
             self._futures.store.finish(self._token, outcome, 30)
             return self._update(self._futures.store.read(token=self._token))
         self._state = "CANCELLED_AND_NOTIFIED" if row and row.state == CANCELLED else "FINISHED"
@@ -1495,7 +1508,8 @@ class _StoredFuture(Future):  # type: ignore[type-arg]
             if self._state != "FINISHED" or self._loaded:
                 return
             blob = self._futures.store.outcome(self._token)
-            data = None if blob is None else self._futures.signer.verify(self._token, blob)
+            signer = self._futures.signer
+            data = None if blob is None else signer.verify(self._key, self._token, blob)
             value: Any
             if blob is None:
                 failed, value = True, KeyError(self._gone())
@@ -1660,9 +1674,9 @@ class _SharedFutures(FutureCollection):
         show, or None if the row holds another outcome already (then that one stands)."""
         try:
             if isinstance(error, concurrent.futures.CancelledError):
-                stored = self.store.cancel(task.token)
+                stored = self.store.cancel(task.token, _PATIENCE)
             else:
-                outcome = self.signer.sign(task.token, _outcome(task.fn, error))
+                outcome = self.signer.sign(task.future_key, task.token, _outcome(task.fn, error))
                 stored = self.store.finish(task.token, outcome, _PATIENCE)
             row = None if stored else self.store.read(token=task.token)
         except Exception:  # the store is away: stop here; _record stores it later
@@ -1681,7 +1695,7 @@ class _SharedFutures(FutureCollection):
         if not future.cancelled():
             exc = future.exception()
             data = _outcome(task.fn, exc, None if exc else future.result())
-            outcome = self.signer.sign(task.token, data)
+            outcome = self.signer.sign(task.future_key, task.token, data)
         try:
             self.store.finish(task.token, outcome, _PATIENCE)
         except Exception:
@@ -1857,8 +1871,8 @@ class SQLiteStore(FuturesStore):
         replaced file would be read as the new file's: so, under an exclusive lock on the
         "-lock" file, the "-wal" and "-shm" are removed first unless the "-gen" marker says
         they belong to the file the path names now (the marker is written after them)."""
-        with open(self.path + "-lock", "a+b") as lock:
-            _lock_file(lock.fileno())
+        with _connect_lock, open(self.path + "-lock", "a+b") as lock:
+            _lock_file(lock.fileno(), self.path)
             try:
                 with open(self.path + "-gen") as gen:
                     fresh = gen.read() == _db_id(self.path)
@@ -1896,7 +1910,9 @@ class SQLiteStore(FuturesStore):
         def claim(db: sqlite3.Connection) -> list[str] | None:
             now, ns = time.time(), self.namespace
             db.execute("BEGIN IMMEDIATE")
-            db.execute(_DELETE + "key LIKE 'd:%' AND finished < ?", (ns, now - _POPPED_KEPT))
+            popped_before = now - _POPPED_KEPT  # finished then (or popped then, unfinished)
+            db.execute(_DELETE + "key LIKE 'd:%' AND COALESCE(finished, popped) < ?",
+                       (ns, popped_before))  # fmt: skip
             if ttl is not None:
                 db.execute(_DELETE + "key NOT LIKE 'd:%' AND finished < ?", (ns, now - ttl))
             if db.execute(_SELECT + "key = ?", (ns, key)).fetchone():
@@ -1947,7 +1963,7 @@ class SQLiteStore(FuturesStore):
         row = self._run(lambda db: db.execute(select, (token,)).fetchone())
         return None if row is None else row[0]
 
-    def cancel(self, token: str) -> bool:
+    def cancel(self, token: str, wait: float = 30.0) -> bool:
         def cancel(db: sqlite3.Connection) -> bool:
             db.execute(
                 _SET_STATE + "token = ? AND state IN (?, ?)",
@@ -1956,14 +1972,17 @@ class SQLiteStore(FuturesStore):
             row = db.execute("SELECT state FROM executor_rows WHERE token = ?", (token,))
             return bool(row.fetchone() == (CANCELLED,))
 
-        return self._run(cancel)
+        return self._run(cancel, wait)
 
     def pop(self, key: str) -> Row | None:
         def pop(db: sqlite3.Connection) -> Row | None:
             db.execute("BEGIN IMMEDIATE")
             row = db.execute(_SELECT + "key = ?", (self.namespace, key)).fetchone()
             if row is not None:
-                db.execute("UPDATE executor_rows SET key = 'd:' || token WHERE token = ?", row[:1])
+                db.execute(
+                    "UPDATE executor_rows SET key = 'd:' || token, popped = ? WHERE token = ?",
+                    (time.time(), row[0]),
+                )
             db.execute("COMMIT")
             return None if row is None else Row(*row)
 
@@ -1978,23 +1997,35 @@ class SQLiteStore(FuturesStore):
         return _alive_here(owner) is not False  # another machine's: cannot tell, so alive
 
 
-def _lock_file(fd: int) -> None:
-    """Take an exclusive lock on ``fd``, waiting in sleeps that let gevent's hub run."""
+def _lock_file(fd: int, path: str) -> None:
+    """Take an exclusive lock on ``fd``, waiting in sleeps that let gevent's hub run. A
+    POSIX record lock (lockf): unlike flock, a child forked meanwhile does not inherit it;
+    it is the process's, so _connect_lock keeps this process's threads apart."""
     try:
         import fcntl
-    except ImportError:  # Windows: no flock, and no inode numbers to tell files apart
+    except ImportError:  # Windows: no lockf, and no inode numbers to tell files apart
         return
+    deadline = time.monotonic() + 30
     while True:
         try:
-            return fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"the SQLite futures store {path!r}: its -lock file was held by another "
+                    "process for 30 s (a process stopped while opening the file?)"
+                ) from None
             _sleep(0.005)
+
+
+_connect_lock = threading.Lock()  # one thread of this process opens a store file at a time
 
 
 _SCHEMA = """CREATE TABLE IF NOT EXISTS executor_rows (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, token TEXT NOT NULL UNIQUE, ns TEXT NOT NULL,
     key TEXT NOT NULL, owner TEXT NOT NULL, task TEXT NOT NULL, state TEXT NOT NULL,
-    outcome BLOB, finished REAL, UNIQUE (ns, key));
+    outcome BLOB, finished REAL, popped REAL, UNIQUE (ns, key));
 CREATE INDEX IF NOT EXISTS executor_rows_finished ON executor_rows (ns, finished);"""
 _SELECT = "SELECT token, state, owner, task FROM executor_rows WHERE ns = ? AND "
 _DELETE = "DELETE FROM executor_rows WHERE ns = ? AND "  # finished rows (NULL < x is not)
@@ -2036,6 +2067,10 @@ class RedisStore(FuturesStore):
             url, max_connections=50, timeout=30, socket_timeout=30, socket_connect_timeout=10
         )
         self._redis = redis.Redis(connection_pool=pool)
+        quick = redis.BlockingConnectionPool.from_url(  # a task's own writes: see _PATIENCE
+            url, max_connections=50, timeout=_PATIENCE, socket_timeout=_PATIENCE
+        )
+        self._quick = redis.Redis(connection_pool=quick)
         self._prefix = f"flask_executor:{namespace}:"
         self._scripts = {name: self._redis.register_script(_LUA + body) for name, body in _OPS}
         self._leased = -1  # the process whose lease is being renewed
@@ -2043,8 +2078,9 @@ class RedisStore(FuturesStore):
     def __reduce__(self) -> tuple[Any, ...]:
         return (_shared_store, (type(self), self.url, self.namespace, self.lease))
 
-    def _run(self, name: str, *args: Any) -> Any:
-        return self._scripts[name](args=[self._prefix, *args])
+    def _run(self, name: str, *args: Any, wait: float = 30.0) -> Any:
+        client = self._quick if wait < 30 else self._redis
+        return self._scripts[name](args=[self._prefix, *args], client=client)
 
     def claim(self, key: str, token: str, owner: str, task: str, max_length: int | None,
               ttl: float | None) -> list[str] | None:  # fmt: skip
@@ -2053,7 +2089,10 @@ class RedisStore(FuturesStore):
             self._renew(owner)
             threading.Thread(target=self._renew_forever, args=(owner,), daemon=True).start()
         limits = [-1 if max_length is None else max_length, -1 if ttl is None else ttl]
-        claimed = self._run("claim", key, token, owner, task, *limits, time.time(), _POPPED_KEPT)
+        lease = int(self.lease * 1000)  # renewed by each claim too (a restarted Redis)
+        claimed = self._run(
+            "claim", key, token, owner, task, *limits, time.time(), _POPPED_KEPT, lease
+        )
         return None if claimed is None else [key.decode() for key in claimed[1:]]
 
     def _renew(self, owner: str) -> None:
@@ -2066,11 +2105,11 @@ class RedisStore(FuturesStore):
                 self._renew(owner)
 
     def start(self, token: str, wait: float) -> bool:
-        return bool(self._run("start", token))
+        return bool(self._run("start", token, wait=wait))
 
     def finish(self, token: str, outcome: bytes | None, wait: float) -> bool:
         state = CANCELLED if outcome is None else FINISHED
-        return bool(self._run("finish", token, state, outcome or b"", time.time()))
+        return bool(self._run("finish", token, state, outcome or b"", time.time(), wait=wait))
 
     def forget(self, token: str) -> None:
         self._run("forget", token)
@@ -2083,11 +2122,11 @@ class RedisStore(FuturesStore):
         outcome: Any = self._redis.hget(self._prefix + "row:" + token, "outcome")
         return outcome  # type: ignore[no-any-return]
 
-    def cancel(self, token: str) -> bool:
-        return bool(self._run("cancel", token, time.time()))
+    def cancel(self, token: str, wait: float = 30.0) -> bool:
+        return bool(self._run("cancel", token, time.time(), wait=wait))
 
     def pop(self, key: str) -> Row | None:
-        raw = self._run("pop", key)
+        raw = self._run("pop", key, time.time())
         return None if raw is None else Row(*(field.decode() for field in raw))
 
     def keys(self) -> list[str]:
@@ -2149,6 +2188,7 @@ while max_length >= 0 and count >= max_length do
   count = count - 1
 end
 local t = ARGV[3]
+redis.call('SET', 'flask_executor:lease:' .. ARGV[4], 1, 'PX', ARGV[10])
 redis.call('HSET', row(t), 'state', 'pending', 'owner', ARGV[4], 'task', ARGV[5], 'key', key)
 redis.call('HSET', p .. 'keys', key, t)
 redis.call('ZADD', p .. 'order', redis.call('INCR', p .. 'seq'), t)
@@ -2185,10 +2225,8 @@ redis.call('HDEL', p .. 'keys', ARGV[2])
 redis.call('HSET', row(t), 'key', 'd:' .. t)
 redis.call('ZREM', p .. 'order', t)
 local finished = redis.call('ZSCORE', p .. 'done', t)
-if finished then
-  redis.call('ZREM', p .. 'done', t)
-  redis.call('ZADD', p .. 'gone', finished, t)
-end
+redis.call('ZREM', p .. 'done', t)
+redis.call('ZADD', p .. 'gone', finished or ARGV[3], t)  -- unfinished: from now (see settle)
 return r""",
     ),
     (
@@ -2213,10 +2251,11 @@ _fork_lock = threading.Lock()  # guards giving a state its own pool in a forked 
 
 
 def _after_fork_in_child() -> None:
-    global _pid, _fork_lock, _stop_lock
+    global _pid, _fork_lock, _stop_lock, _connect_lock
     _pid = os.getpid()
     _fork_lock = threading.Lock()  # another thread may have held one of them at the fork
     _stop_lock = threading.Lock()
+    _connect_lock = threading.Lock()
     forkserver = sys.modules.get("multiprocessing.forkserver")
     if forkserver is not None:  # the parent's fork server is not this process's child
         server: Any = getattr(forkserver, "_forkserver")  # noqa: B009
@@ -2256,7 +2295,7 @@ class _AppState:
         store = config.get("EXECUTOR_FUTURES_STORE", "memory")
         values = [*used, self.propagate, self.push, method, store, self.ttl, self.limit,
                   config.namespace()]  # fmt: skip
-        for key, value in zip(_KEYS, values):
+        for key, value in zip(_KEYS, values, strict=True):
             app.config.setdefault(config.prefix + key, value)
 
     def own_pool(self) -> None:
@@ -2338,9 +2377,9 @@ def _warn_unknown_keys(app: Flask) -> None:
     """Warn once per app about a ``*EXECUTOR_*`` config key no executor reads (a typo:
     EXECUTOR_TIMOUT), naming the closest key that is read."""
     warned = app.extensions.setdefault(f"{__name__}:unknown keys", set())
-    for key in app.config:
-        prefix, found, rest = str(key).partition("EXECUTOR_")
-        known = f"EXECUTOR_{rest}" in _KEYS and re.fullmatch(r"(\w+_)?", prefix)
+    for key in map(str, app.config):
+        prefix, found, rest = key.rpartition("EXECUTOR_")
+        known = any(key.endswith(k) and re.fullmatch(r"(\w+_)?", key[: -len(k)]) for k in _KEYS)
         if not found or known or key in warned:
             continue
         warned.add(key)
@@ -2474,7 +2513,7 @@ class Executor(concurrent.futures.Executor):
             raise ValueError(f"chunksize must be >= 1, got {chunksize!r}")
         if chunksize == 1:
             return super().map(fn, *iterables, timeout=timeout)
-        chunks = _chunks(zip(*iterables), chunksize)
+        chunks = _chunks(zip(*iterables, strict=False), chunksize)  # as map()
         results = super().map(_run_chunk, itertools.repeat(fn), chunks, timeout=timeout)
         return itertools.chain.from_iterable(results)
 

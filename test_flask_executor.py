@@ -1588,11 +1588,129 @@ class TestStoresHoldTheirGround:
         assert "executor" not in bare.extensions
 
 
-def age_popped_rows(url: str, seconds: float) -> None:
-    """Move the finish time of every popped row ``seconds`` into the past."""
+class TestStoreProbes:
+    """What the prober of #21 found: each failed before its fix."""
+
+    def test_a_cancel_under_a_locked_store_never_holds_the_future(self, make_executor,
+                                                                  tmp_path):  # fmt: skip
+        url, path = f"sqlite:///{tmp_path}/futures.db", str(tmp_path / "futures.db")
+        app, executor = make_executor(EXECUTOR_FUTURES_STORE=url)
+        with app.app_context():
+            future = executor.submit_stored("k", write_until_stopped, str(tmp_path / "flag"))
+            wait_until(lambda: executor.futures.running("k"))
+            holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, path, "6", "EXCLUSIVE"],
+                                      stdout=subprocess.PIPE, text=True)  # fmt: skip
+            try:
+                assert holder.stdout.readline().strip() == "locked"
+                started = time.monotonic()
+                assert future.cancel() is True and future.cancelled()
+                assert time.monotonic() - started < 2 and holder.poll() is None
+            finally:
+                holder.wait(TIMEOUT)
+            wait_until(lambda: executor.futures.cancelled("k"))  # stored once it is free
+
+    def test_an_outcome_relabelled_to_another_key_is_refused(self, make_executor, store_url):
+        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url)
+        with app.app_context():
+            executor.submit_stored("alice", str, "alice's report").result(TIMEOUT)
+            executor.submit_stored("mallory", str, "mallory's").result(TIMEOUT)
+            relabel(store_url, "alice", "mallory")  # the key column / keys hash rewritten
+            with pytest.raises(RuntimeError, match="this app did not write"):
+                executor.futures.result("mallory")
+
+    def test_a_fork_while_opening_the_file_never_holds_its_lock(self, tmp_path):
+        url = f"sqlite:///{tmp_path}/futures.db"
+        script = f"""
+            import os, threading, time
+            from flask_executor import Executor
+            import flask_executor
+            from test_flask_executor import make_app, square
+            app = make_app(EXECUTOR_FUTURES_STORE={url!r})
+            executor = Executor(app)
+            real = flask_executor._lock_file
+            forked = []
+            def lock_then_fork(fd, path):
+                real(fd, path)
+                pid = os.fork()
+                if pid == 0:
+                    time.sleep(20)
+                    os._exit(0)
+                forked.append(pid)
+            flask_executor._lock_file = lock_then_fork
+            os.remove({str(tmp_path / "futures.db")!r})  # the next read opens the file anew
+            with app.app_context():
+                executor.submit_stored("a", square, 2).result(30)
+            flask_executor._lock_file = real
+            os.replace({str(tmp_path / "other.db")!r}, {str(tmp_path / "futures.db")!r})
+            started = time.monotonic()
+            with app.app_context():
+                executor.submit_stored("b", square, 3).result(30)
+            print(round(time.monotonic() - started))
+            os.kill(forked[0], 9)
+        """
+        import sqlite3 as sq
+
+        with contextlib.closing(sq.connect(tmp_path / "other.db")) as db:
+            db.execute("CREATE TABLE unrelated (x)")
+        result = run_script(script, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split() == ["0"]  # the child's copy of the lock is no lock
+
+    def test_a_new_task_after_a_redis_restart_is_never_read_as_lost(self, make_executor,
+                                                                    tmp_path):  # fmt: skip
+        port = free_port()
+        server = start_redis(port, tmp_path)
+        try:
+            url = f"redis://127.0.0.1:{port}/0"
+            app, executor = make_executor(EXECUTOR_FUTURES_STORE=url)
+            with app.app_context():
+                executor.submit_stored("first", square, 2).result(TIMEOUT)
+                stop_redis(server)
+                server = start_redis(port, tmp_path)  # every lease is gone
+                executor.submit_stored("new", wait_for, str(tmp_path / "go"))
+                store = executor.futures.store
+                owner = store.read(key="s:new").owner
+                assert store._redis.exists(f"flask_executor:lease:{owner}")  # renewed at once
+                (tmp_path / "go").touch()
+        finally:
+            stop_redis(server)
+
+    def test_a_popped_task_whose_owner_died_leaves_no_row_for_ever(self, make_executor,
+                                                                  store_url):  # fmt: skip
+        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url)
+        store = executor.futures.store
+        elsewhere = "another-host/boot/ns/4242:1"
+        with app.app_context():
+            assert store.claim("s:orphan", "t-orphan", elsewhere, "x.y", None, None) == []
+            executor.futures.pop("orphan")
+            age_popped_rows(store_url, 25 * 3600, unfinished=True)
+            executor.submit_stored("next", square, 2).result(TIMEOUT)  # a claim cleans up
+            assert store.read(token="t-orphan") is None
+
+
+def relabel(url: str, source: str, target: str) -> None:
+    """Point key ``target`` at ``source``'s row, as anyone with write access could."""
     if url.startswith("sqlite"):
         with contextlib.closing(sqlite3.connect(url[len("sqlite:///") :])) as db, db:
-            db.execute("UPDATE executor_rows SET finished = finished - ? WHERE key LIKE 'd:%'",
+            db.execute("DELETE FROM executor_rows WHERE key = ?", (f"s:{target}",))
+            db.execute("UPDATE executor_rows SET key = ? WHERE key = ?",
+                       (f"s:{target}", f"s:{source}"))  # fmt: skip
+    else:
+        import redis
+
+        client = redis.Redis.from_url(url)
+        for hash_key in client.keys("flask_executor:*:keys"):
+            token = client.hget(hash_key, f"s:{source}")
+            if token is not None:
+                client.hset(hash_key, f"s:{target}", token)
+
+
+def age_popped_rows(url: str, seconds: float, unfinished: bool = False) -> None:
+    """Move the finish time of every popped row ``seconds`` into the past."""
+    if url.startswith("sqlite"):
+        column = "popped" if unfinished else "finished"
+        with contextlib.closing(sqlite3.connect(url[len("sqlite:///") :])) as db, db:
+            db.execute(f"UPDATE executor_rows SET {column} = {column} - ? WHERE key LIKE 'd:%'",
                        (seconds,))  # fmt: skip
     else:
         import redis
@@ -1708,8 +1826,9 @@ class TestExtension:
             RuntimeError, match=r"not initialised on any app: call executor.init_app"
         ):
             executor.submit(square, 1)
+        futures = executor.futures  # reading it works (1.0 code does at import time)
         with pytest.raises(RuntimeError, match="init_app"):
-            executor.futures  # noqa: B018
+            futures.done("k")  # using it before any init_app does not
 
     def test_app_factory_pattern(self, executors):
         executor = Executor()
@@ -2311,7 +2430,9 @@ def drive(base: str, requests: int, wait: float) -> dict[str, int]:
         while len(seen) < requests and time.monotonic() < deadline:
             pending = [n for n in range(requests) if n not in seen]
             for n, reply in zip(
-                pending, clients.map(lambda n: http_get(f"{base}/result?id={n}"), pending)
+                pending,
+                clients.map(lambda n: http_get(f"{base}/result?id={n}"), pending),
+                strict=True,
             ):
                 if reply["state"] == "FINISHED":
                     seen[n] = reply["seen"]
@@ -2698,14 +2819,16 @@ def test_gunicorn_workers_share_stored_futures(worker, executor_type, store, pre
     try:
         keys = [f"k{n}" for n in range(40)]
         with cf.ThreadPoolExecutor(8) as clients:
-            owners = dict(zip(keys, clients.map(lambda k: get(f"/submit?key={k}"), keys)))
+            owners = dict(
+                zip(keys, clients.map(lambda k: get(f"/submit?key={k}"), keys), strict=True)
+            )
             assert not any(reply["refused"] for reply in owners.values())
             polls: list[tuple[str, dict]] = []
             pending, deadline = set(keys), time.monotonic() + 60
             while pending and time.monotonic() < deadline:
                 waiting = sorted(pending)
                 for key, reply in zip(
-                    waiting, clients.map(lambda k: get(f"/poll?key={k}"), waiting)
+                    waiting, clients.map(lambda k: get(f"/poll?key={k}"), waiting), strict=True
                 ):
                     polls.append((key, reply))
                     if reply["done"]:
@@ -3041,7 +3164,7 @@ class TestStopRaces:
                 answers.append(future.cancel())
             _, pending = cf.wait(futures, timeout=TIMEOUT)
             assert not pending
-            for future, answer in zip(futures, answers):  # cancel() says what happened
+            for future, answer in zip(futures, answers, strict=True):  # cancel() says what happened
                 assert future.cancelled() is answer
         app, executor = make_executor(EXECUTOR_TIMEOUT="0.2")  # the watchdog still serves
         with app.app_context(), pytest.raises(flask_executor.TaskTimeout):
@@ -4225,7 +4348,7 @@ def test_readme_workers_recipe_under_gunicorn(tmp_path):
             while len(results) < len(jobs) and time.monotonic() < deadline:
                 waiting = [n for n in jobs if n not in results]
                 replies = clients.map(lambda n: http_call(server.base + jobs[n]), waiting)
-                for n, (status, body) in zip(waiting, replies):
+                for n, (status, body) in zip(waiting, replies, strict=True):
                     assert status in (200, 202), body  # never "unknown": every worker knows it
                     if status == 200:
                         results[n] = body
@@ -4440,7 +4563,7 @@ class TestNoFalseFronts:
     def test_async_def_tasks_on_gevent_fail_visibly(self, make_executor):
         pytest.importorskip("gevent")
         app, executor = make_executor(EXECUTOR_TYPE="gevent")
-        with app.app_context(), pytest.raises(TypeError, match="async def function: EXECUTOR"):
+        with app.app_context(), pytest.raises(TypeError, match="cannot run in a gevent greenlet"):
             executor.submit(async_double, 1).result(TIMEOUT)
 
     def test_futures_read_before_init_app_resolve_when_used(self):
@@ -4468,6 +4591,44 @@ class TestNoFalseFronts:
         lines = [r.getMessage() for r in caplog.records if "futures dict full" in r.getMessage()]
         assert 1 <= len(lines) <= 2, len(lines)
         assert "dropped the stored future 0 while its task was still running" in lines[0]
+
+    def test_a_named_executor_holding_executor_in_its_name_warns_of_nothing(self, caplog):
+        app = make_app(BG_EXECUTOR_EXECUTOR_TYPE="thread", BG_EXECUTOR_EXECUTOR_TIMOUT=1)
+        with caplog.at_level(logging.WARNING):
+            Executor(app, name="bg_executor").shutdown()
+        lines = [r.getMessage() for r in caplog.records if "is not one" in r.getMessage()]
+        assert lines == [
+            "config key BG_EXECUTOR_EXECUTOR_TIMOUT is not one flask_executor reads: did you "
+            "mean BG_EXECUTOR_EXECUTOR_TIMEOUT?"
+        ]
+
+    def test_gevent_from_a_native_thread_of_a_patched_process_refuses(self):
+        pytest.importorskip("gevent")
+        result = run_script(
+            """
+            from gevent import monkey; monkey.patch_all()
+            import time
+            from gevent.monkey import get_original
+            from flask_executor import Executor
+            from test_flask_executor import make_app, square
+            app = make_app(EXECUTOR_TYPE="gevent")
+            executor = Executor(app)
+            box = []
+            def native():
+                with app.app_context():
+                    try:
+                        executor.submit(square, 2)
+                        box.append("accepted")
+                    except RuntimeError as exc:
+                        box.append(str(exc))
+            get_original("_thread", "start_new_thread")(native, ())
+            deadline = time.monotonic() + 30
+            while not box and time.monotonic() < deadline:
+                get_original("time", "sleep")(0.01)
+            print(box[0])
+            """
+        )
+        assert "its tasks would never run" in result.stdout, result.stdout + result.stderr
 
     def test_a_misspelt_key_is_named_once_with_the_closest_key(self, caplog):
         app = make_app(EXECUTOR_TIMOUT=5, MAIL_EXECUTOR_MAXWORKERS=2, SCHEDULER_EXECUTORS={})
