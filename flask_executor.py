@@ -560,12 +560,18 @@ class _Task:
 
     def __init__(self, app: Flask, g_attrs: dict[str, Any] | None, push: bool, fn: Task,
                  limit: float | None) -> None:  # fmt: skip
-        self.app, self.g_attrs, self.push, self.fn, self.limit = app, g_attrs, push, fn, limit
+        self.app = app  # (one assignment a line: cheaper than tuples, on the submit path)
+        self.g_attrs = g_attrs
+        self.push = push
+        self.fn = fn
+        self.limit = limit
         # the copied variables hold the request, the session and the caller's own variables
-        self.context, self.pid = contextvars.copy_context(), _pid
+        self.context = contextvars.copy_context()
+        self.pid = _pid
         self.started: float | None = None
         self.stopped: Callable[[], BaseException] | None = None
-        self.over = self.inside = False
+        self.over = False
+        self.inside = False
 
     def stop_requested(self) -> bool:
         if self.stopped is not None:
