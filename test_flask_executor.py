@@ -1462,12 +1462,15 @@ class TestStoresHoldTheirGround:
         app, executor = make_executor(EXECUTOR_FUTURES_STORE=f"sqlite:///{tmp_path}/f.db")
         with app.app_context():
             executor.submit_stored("k", wait_for, str(tmp_path / "go"))
-            threading.Timer(0.2, (tmp_path / "go").touch).start()
+            futures = executor.futures
+            in_thread(lambda: futures.done("k"))  # the store's connection is open
             before = len(os.listdir("/proc/self/fd"))
-            for _ in range(100):  # a thread per request, each waiting on the stored future
-                assert in_thread(lambda: executor.futures.result("k", timeout=TIMEOUT))
+            for _ in range(100):  # a thread per request, each waiting a while on the future
+                waited = in_thread(lambda: futures.result("k", timeout=0.02))
+                assert isinstance(waited, cf.TimeoutError)
             gc.collect()
             assert len(os.listdir("/proc/self/fd")) - before < 20
+            (tmp_path / "go").touch()
 
     def test_polls_read_state_only_never_the_outcome(self, make_executor, store_url,
                                                      monkeypatch):  # fmt: skip
