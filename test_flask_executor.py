@@ -1104,7 +1104,7 @@ class TestSharedStores:
             app = make_app(EXECUTOR_FUTURES_STORE=store_url)
             executor = Executor(app)
             with app.app_context():
-                assert executor.futures.running("orphan") is True
+                wait_until(lambda: executor.futures.running("orphan"))  # its thread started it
                 os.kill(pid, signal.SIGKILL)
                 owner.wait(TIMEOUT)
                 killed_at = time.monotonic()
