@@ -1068,7 +1068,8 @@ class TestSharedStores:
             app = make_app(EXECUTOR_FUTURES_STORE=store_url)
             executor = Executor(app)
             with app.app_context():
-                wait_until(lambda: executor.futures.running("x"))
+                futures = executor.futures  # both keys claimed there, "x" started
+                wait_until(lambda: futures.running("x") and futures.get("y") is not None)
                 assert executor.futures.done("x") is False
                 with pytest.raises(ValueError, match="already exists"):
                     executor.submit_stored("x", square, 1)
