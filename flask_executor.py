@@ -1916,14 +1916,15 @@ class SQLiteStore(FuturesStore):
         def claim(db: sqlite3.Connection) -> list[str] | None:
             now, ns = time.time(), self.namespace
             db.execute("BEGIN IMMEDIATE")
-            popped_before = now - _POPPED_KEPT  # finished then (or popped then, unfinished)
-            db.execute(_DELETE + "key LIKE 'd:%' AND COALESCE(finished, popped) < ?",
-                       (ns, popped_before))  # fmt: skip
+            kept = now - _POPPED_KEPT  # popped rows finished then, or popped then unfinished
+            db.execute(_DELETE + "key LIKE 'd:%' AND finished < ?", (ns, kept))
+            db.execute(_DELETE + "popped < ? AND finished IS NULL", (ns, kept))
             if ttl is not None:
                 db.execute(_DELETE + "key NOT LIKE 'd:%' AND finished < ?", (ns, now - ttl))
             if db.execute(_SELECT + "key = ?", (ns, key)).fetchone():
                 return None  # _db() rolls back
-            count, dropped = db.execute(_COUNT, (ns,)).fetchone()[0], []
+            dropped: list[str] = []  # (rows are counted only where there is a bound)
+            count = 0 if max_length is None else db.execute(_COUNT, (ns,)).fetchone()[0]
             while max_length is not None and count >= max_length:
                 old, old_key, state = db.execute(_OLDEST, (ns, FINISHED, CANCELLED)).fetchone()
                 db.execute("DELETE FROM executor_rows WHERE token = ?", (old,))
@@ -2032,7 +2033,8 @@ _SCHEMA = """CREATE TABLE IF NOT EXISTS executor_rows (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, token TEXT NOT NULL UNIQUE, ns TEXT NOT NULL,
     key TEXT NOT NULL, owner TEXT NOT NULL, task TEXT NOT NULL, state TEXT NOT NULL,
     outcome BLOB, finished REAL, popped REAL, UNIQUE (ns, key));
-CREATE INDEX IF NOT EXISTS executor_rows_finished ON executor_rows (ns, finished);"""
+CREATE INDEX IF NOT EXISTS executor_rows_finished ON executor_rows (ns, finished);
+CREATE INDEX IF NOT EXISTS executor_rows_popped ON executor_rows (ns, popped);"""
 _SELECT = "SELECT token, state, owner, task FROM executor_rows WHERE ns = ? AND "
 _DELETE = "DELETE FROM executor_rows WHERE ns = ? AND "  # finished rows (NULL < x is not)
 _SET_STATE = "UPDATE executor_rows SET state = ?, finished = ? WHERE "
