@@ -3503,16 +3503,22 @@ class TestStopProbes:
             executor.shutdown(wait=True)
             assert [(tmp_path / f"q{n}").exists() for n in range(3)] == [False] * 3
 
-    def test_a_process_limit_holds_after_thousands_of_tasks_started(self, make_executor):
+    def test_a_process_limit_holds_after_its_start_slot_was_reused(
+        self, make_executor, tmp_path, monkeypatch
+    ):
+        monkeypatch.setattr(flask_executor, "_STARTS", 64)  # fork: the workers see it too
         config = {"EXECUTOR_TIMEOUT": "3", "EXECUTOR_START_METHOD": "fork"}
         app, executor = make_executor(EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=2, **config)
+        started = str(tmp_path / "started")
         with app.app_context():
-            long = executor.submit(end_when_file_exists, "/nonexistent/never")
-            wait_until(long.running)
-            started = time.monotonic()
-            list(executor.map(int, range(flask_executor._STARTS + 100), chunksize=1))
+            long = executor.submit(end_when_file_exists, "/nonexistent/never", started)
+            done_at: list[float] = []
+            long.add_done_callback(lambda f: done_at.append(time.monotonic()))
+            wait_until(lambda: os.path.exists(started))
+            began = time.monotonic()
+            list(executor.map(int, range(200), chunksize=1))  # its start slot is reused
             assert isinstance(long.exception(TIMEOUT), flask_executor.TaskTimeout)
-            assert time.monotonic() - started < 3 + 3  # not at the task's own end (10 s)
+            assert done_at[0] - began < 3 + 2  # not at the task's own end (10 s)
 
     def test_a_process_task_that_returned_keeps_its_result_in_the_store_too(
         self, make_executor, tmp_path
