@@ -2428,6 +2428,7 @@ class Executor(concurrent.futures.Executor):
         self._state_key = f"{__name__}:{self._key}"
         self._apps: list[weakref.ref[Flask]] = []  # the apps it serves; dead ones drop out
         self._default_callbacks: list[Callback] = []
+        self.app = app  # 1.0's attribute; it also keeps an app made in the call alive
         if app is not None:
             self.init_app(app)
 

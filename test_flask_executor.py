@@ -1834,6 +1834,13 @@ class TestExtension:
         with pytest.raises(RuntimeError, match="init_app"):
             futures.done("k")  # using it before any init_app does not
 
+    def test_app_given_to_the_constructor_is_kept_alive(self, executors):
+        executor = Executor(make_app())  # the app is held by nothing else, as 1.0 allowed
+        executors.append(executor)
+        gc.collect()
+        assert executor.submit(square, 3).result(TIMEOUT) == 9  # no app context pushed
+        assert executor.app.name == "test_app"  # 1.0's attribute
+
     def test_app_factory_pattern(self, executors):
         executor = Executor()
         executors.append(executor)
