@@ -89,20 +89,48 @@ Task = Callable[..., Any]
 Callback = Callable[[Future[Any]], object]
 
 
-# -- 1. Configuration --------------------------------------------------------------
+# A pool belongs to one process: its threads, queues and worker processes do not survive a
+# fork (gunicorn --preload builds the app in its master, then forks the workers). Each app's
+# state records the process it built its pool in; a forked child builds its own on first use.
+_pid = os.getpid()  # this process, kept current by the fork hook below: a cheap check
+_fork_lock = threading.Lock()  # guards giving a state its own pool in a forked child
 
-_KEYS = [
-    "EXECUTOR_TYPE",
-    "EXECUTOR_MAX_WORKERS",
-    "EXECUTOR_FUTURES_MAX_LENGTH",
-    "EXECUTOR_PROPAGATE_EXCEPTIONS",
-    "EXECUTOR_PUSH_APP_CONTEXT",
-    "EXECUTOR_START_METHOD",
-    "EXECUTOR_FUTURES_STORE",
-    "EXECUTOR_FUTURES_TTL",
-    "EXECUTOR_TIMEOUT",
-    "EXECUTOR_FUTURES_NAMESPACE",
-]
+
+def _after_fork_in_child() -> None:
+    global _pid, _fork_lock, _stop_lock, _connect_lock
+    _pid = os.getpid()
+    _fork_lock = threading.Lock()  # another thread may have held one of them at the fork
+    _stop_lock = threading.Lock()
+    _connect_lock = threading.Lock()
+    forkserver = sys.modules.get("multiprocessing.forkserver")
+    if forkserver is not None:  # the parent's fork server is not this process's child
+        server: Any = getattr(forkserver, "_forkserver")  # noqa: B009
+        preload = server._preload_modules
+        server.__init__()  # forgets it, in place (the module's functions are bound to it)
+        server._preload_modules = preload
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+# -- 1. Configuration ----------------------------------------------------------------
+
+
+# Every key an executor reads, and its default (one place: app.config shows what is used).
+_DEFAULTS: dict[str, Any] = {
+    "EXECUTOR_TYPE": "thread",
+    "EXECUTOR_MAX_WORKERS": None,  # the pool chooses
+    "EXECUTOR_FUTURES_MAX_LENGTH": 50,
+    "EXECUTOR_PROPAGATE_EXCEPTIONS": False,
+    "EXECUTOR_PUSH_APP_CONTEXT": True,
+    "EXECUTOR_START_METHOD": "spawn",
+    "EXECUTOR_FUTURES_STORE": "memory",
+    "EXECUTOR_FUTURES_TTL": None,
+    "EXECUTOR_TIMEOUT": None,
+    "EXECUTOR_FUTURES_NAMESPACE": None,  # the app's import name (section 8)
+}
+_KEYS = list(_DEFAULTS)
 _TRUE = {"1", "true", "t", "yes", "y", "on"}
 _FALSE = {"0", "false", "f", "no", "n", "off"}
 
@@ -124,11 +152,11 @@ class Config:
         full = self.prefix + key
         if full in self.app.config:
             return self.app.config[full]
-        return os.environ.get(full, default)
+        return os.environ.get(full, _DEFAULTS.get(key, default))
 
-    def number(self, key: str, default: int | None) -> int | None:
+    def number(self, key: str) -> int | None:
         """A whole number >= 1, or None; strings such as ``'5'`` are accepted."""
-        value = self.get(key, default)
+        value = self.get(key)
         if value is None or str(value).strip().lower() in ("", "none"):
             return None
         try:
@@ -160,9 +188,9 @@ class Config:
             )
         return number
 
-    def flag(self, key: str, default: bool) -> bool:
+    def flag(self, key: str) -> bool:
         """A bool; strings such as ``'true'``, ``'0'``, ``'off'`` are accepted."""
-        value = self.get(key, default)
+        value = self.get(key)
         text = str(value).strip().lower()
         if isinstance(value, bool) or text in _TRUE | _FALSE:
             return text in _TRUE
@@ -170,381 +198,11 @@ class Config:
             f"{self.prefix}{key} must be a bool (true/false, 1/0, yes/no, on/off), got {value!r}"
         )
 
-    def store(self) -> FuturesStore | None:
-        """The shared store EXECUTOR_FUTURES_STORE names; None for this process's memory."""
-        value = self.get("EXECUTOR_FUTURES_STORE", "memory")
-        if isinstance(value, FuturesStore):
-            return value
-        url = "" if value is None else str(value).strip()
-        namespace = self.namespace()
-        if url.lower() in ("", "memory", "none"):
-            return None
-        if url.startswith("sqlite:///") and url[10:] not in ("", ":memory:") and "?" not in url:
-            path = url[10:]  # sqlite:////abs.db: an absolute path; else under instance_path
-            if not os.path.isabs(path):
-                os.makedirs(self.app.instance_path, exist_ok=True)
-                path = os.path.join(self.app.instance_path, path)
-            return SQLiteStore(path, namespace)
-        if url.startswith(("redis://", "rediss://", "unix://")):
-            try:
-                return RedisStore(url, namespace)
-            except ValueError as exc:  # redis-py's reading of the URL
-                raise ValueError(f"{self.prefix}EXECUTOR_FUTURES_STORE={value!r}: {exc}") from exc
-        raise ValueError(
-            f"{self.prefix}EXECUTOR_FUTURES_STORE={value!r} is not a futures store: use "
-            "'memory', 'sqlite:///relative/path.db', 'sqlite:////absolute/path.db', "
-            "'redis://host:port/db' or a FuturesStore object"
-        )
 
-    def namespace(self) -> str:
-        """Where this executor's keys live in a shared store: EXECUTOR_FUTURES_NAMESPACE,
-        else the app's import name (two apps both called ``app`` share it: set the key)."""
-        default = f"{self.app.import_name}:{self.prefix}"
-        return str(self.get("EXECUTOR_FUTURES_NAMESPACE") or default)
+# -- 2. Contexts: what a task captures, and how it runs ------------------------------
 
-    def signer(self) -> _Signer:
-        """How a shared store's outcomes are signed: with the app's SECRET_KEY."""
-        secrets = [self.app.secret_key, *(self.app.config.get("SECRET_KEY_FALLBACKS") or [])]
-        if not secrets[0]:
-            raise ValueError(
-                f"{self.prefix}EXECUTOR_FUTURES_STORE={self.get('EXECUTOR_FUTURES_STORE')!r} "
-                "needs the app's SECRET_KEY: outcomes in a shared store are signed with it, so "
-                "that whoever can write the store cannot run code in this app by planting a "
-                "pickle there. Set app.secret_key (SECRET_KEY), the same in every process that "
-                "shares the store"
-            )
-        return _Signer(secrets, self.namespace())
 
-    def backend(self) -> Backend:
-        """The backend named by EXECUTOR_TYPE (or the Backend object given there)."""
-        value = self.get("EXECUTOR_TYPE", "thread")
-        if isinstance(value, Backend):
-            return value
-        backend = BACKENDS.get(str(value).strip().lower())
-        if backend is None:
-            names = ", ".join(repr(name) for name in sorted(BACKENDS))
-            raise ValueError(
-                f"{self.prefix}EXECUTOR_TYPE={value!r} is not a known executor type; "
-                f"choose one of {names}, pass a Backend object, or call register_backend()"
-            )
-        return backend
-
-
-# -- 2. Backends -------------------------------------------------------------------
-
-
-class Backend(abc.ABC):
-    """How the tasks of one EXECUTOR_TYPE run: the pool, and whether they get Flask contexts.
-
-    ``create_pool`` may return any :class:`concurrent.futures.Executor`; to check or wrap
-    each task before it is queued, return a pool whose ``submit`` does so.
-    """
-
-    #: True: each task runs inside a copy of its submitter's Flask contexts (GUIDE's table).
-    contexts = True
-
-    @abc.abstractmethod
-    def create_pool(self, max_workers: int | None, config: Config) -> concurrent.futures.Executor:
-        """Build the pool that one app's tasks run on."""
-
-
-class ThreadBackend(Backend):
-    """Tasks on a :class:`concurrent.futures.ThreadPoolExecutor`, with Flask contexts."""
-
-    def create_pool(self, max_workers: int | None, config: Config) -> concurrent.futures.Executor:
-        prefix = f"{config.app.name}-{config.prefix}executor"
-        return concurrent.futures.ThreadPoolExecutor(max_workers, thread_name_prefix=prefix)
-
-
-class ProcessBackend(Backend):
-    """Tasks on a :class:`concurrent.futures.ProcessPoolExecutor`: no contexts, pickled calls.
-
-    EXECUTOR_START_METHOD picks how worker processes start: ``'spawn'`` (the default: a fresh
-    interpreter, safe whatever threads or forks the web process has), ``'forkserver'`` or
-    ``'fork'`` (fastest; workers inherit a copy of the web process as it was).
-    """
-
-    contexts = False
-
-    def create_pool(self, max_workers: int | None, config: Config) -> concurrent.futures.Executor:
-        method = str(config.get("EXECUTOR_START_METHOD", "spawn")).strip().lower()
-        if method not in multiprocessing.get_all_start_methods():
-            raise ValueError(
-                f"{config.prefix}EXECUTOR_START_METHOD={method!r} is not a start method on this "
-                f"platform; choose one of {multiprocessing.get_all_start_methods()}"
-            )
-        limit = config.seconds("EXECUTOR_TIMEOUT")
-        return _ProcessPool(max_workers, multiprocessing.get_context(method), limit)
-
-
-class _ProcessPool(concurrent.futures.ProcessPoolExecutor):
-    """A process pool that refuses, with the reason, what cannot reach a worker process,
-    and that can ask a running task to stop (see "Time limits and stopping a task").
-
-    Two arrays in shared memory, written without locks (each slot has one writer at a time):
-    ``_starts`` holds, for task number n, (n, when it started) at slot n % _STARTS (written
-    by the worker that runs it); ``_stops`` holds the numbers of the tasks asked to stop
-    (written by this process under _stops_lock, freed when the task's late outcome comes
-    back). A task this process marks running is in a worker or in the call queue: at most
-    twice the workers, and one more."""
-
-    def __init__(self, max_workers: int | None, mp_context: Any, limit: float | None) -> None:
-        slots = 2 * (max_workers or os.cpu_count() or 1) + 2  # running or in the call queue
-        self._stops, self._starts = mp_context.RawArray("q", slots), None
-        if limit is not None:  # only a pool with a limit pays for knowing when tasks start
-            self._starts = mp_context.RawArray("d", 2 * _STARTS)
-        shared = (self._stops, self._starts)
-        super().__init__(
-            max_workers, mp_context=mp_context, initializer=_init_worker, initargs=shared
-        )
-        self._limit = limit
-        self._numbers = itertools.count(1)  # task numbers; 0 marks a free slot
-        self._stops_lock = threading.Lock()  # guards _stops, and each future's _ended
-        # The pool pickles calls in its queue's feeder thread and fails the future with the
-        # bare pickling error; name the object that failed instead (CPython 3.9+ hook).
-        queue: Any = self._call_queue  # type: ignore[attr-defined]
-        queue._on_queue_feeder_error = functools.partial(
-            _name_unpicklable, queue._on_queue_feeder_error
-        )
-
-    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
-        name = getattr(fn, "__qualname__", "")
-        if "<lambda>" in name or "<locals>" in name:
-            raise TypeError(_unpicklable(fn, "a lambda or nested function has no importable name"))
-        if isinstance(getattr(inspect.unwrap(fn), "__self__", None), Flask):
-            raise TypeError(_unpicklable(fn, "it is a bound method of the Flask app"))
-        number = next(self._numbers)
-        future = super().submit(_in_fresh_context, number, self._limit, fn, *args, **kwargs)
-        future.__class__ = _ContextFuture
-        future._ask = functools.partial(self._ask_to_stop, number)  # type: ignore[attr-defined]
-        if self._limit is not None:
-            started = functools.partial(self._started, number)
-            _watchdog().add(_Limit(future, started, fn, self._limit))
-        return future
-
-    def _started(self, number: int) -> float | None:
-        """When task ``number`` started in a worker, or None if it has not (yet). Its slot
-        may hold a later task's start by now: the queue is first in, first out, so it
-        started no later than that (its limit may then end a little late, never early)."""
-        starts: Any = self._starts
-        slot = 2 * (number % _STARTS)
-        there, when = starts[slot], starts[slot + 1]
-        return when if there >= number and (there - number) % _STARTS == 0 else None
-
-    def _ask_to_stop(self, number: int, future: Any, ended: bool = False) -> None:
-        """Ask task ``number`` to stop; ``ended``: its outcome came back, free its slot."""
-        with self._stops_lock:
-            if ended or future._ended:
-                future._ended = True
-                for at, asked in enumerate(self._stops):
-                    if asked == number:
-                        self._stops[at] = 0
-                return
-            free = next((at for at, asked in enumerate(self._stops) if asked == 0), None)
-            if free is not None:  # else: more stopped tasks than can be queued or run
-                self._stops[free] = number
-
-
-_STARTS = 16384  # task start times kept by the process pool: far more than run at once
-_worker_shared: tuple[Any, Any] = (None, None)  # a worker's (stops, starts) arrays
-
-
-def _init_worker(stops: Any, starts: Any) -> None:
-    """Each worker's initializer: keep the shared arrays, and exit soon after the process
-    owning the pool dies (a gunicorn worker killed on --timeout), instead of waiting on its
-    queue forever."""
-    global _worker_shared
-    _worker_shared = (stops, starts)
-    owner = multiprocessing.parent_process()
-    if owner is not None:
-        threading.Thread(target=_exit_when_gone, args=(owner,), daemon=True).start()
-
-
-def _exit_when_gone(owner: multiprocessing.process.BaseProcess) -> None:
-    owner.join()  # returns once the owner's end of the sentinel pipe is closed
-    os._exit(1)
-
-
-def _in_fresh_context(
-    number: int, limit: float | None, fn: Task, /, *args: Any, **kwargs: Any
-) -> Any:
-    """Run a process task in empty context variables (a worker started by fork holds a copy
-    of whatever request was active in the thread that forked it: not the task's), where
-    stop_requested() answers for it, and make sure what it returns or raises can reach the
-    web process."""
-    from multiprocessing.reduction import ForkingPickler
-
-    task = _WorkerTask(number, limit, fn)
-    try:
-        result = contextvars.Context().run(_call_in_worker, task, fn, args, kwargs)
-    except BaseException as exc:
-        try:
-            pickle.loads(ForkingPickler.dumps(exc))
-        except Exception as why:  # it would fail in the pool's thread and break the pool
-            message = f"{_task_name(fn)} raised {type(exc).__qualname__}: {exc}"
-            raise RuntimeError(f"{message} (not re-creatable in the web process: {why})") from exc
-        raise
-    if type(result) not in _PLAIN:  # checked here, where the error can name the task
-        try:
-            ForkingPickler.dumps(result)
-        except Exception as exc:
-            raise TypeError(
-                f"the return value of {_task_name(fn)} could not be sent back to the web "
-                f"process: {exc}; return picklable values"
-            ) from None
-    return result
-
-
-_PLAIN = {type(None), bool, int, float, str, bytes}  # results that always pickle
-
-
-def _call_in_worker(task: _WorkerTask, fn: Task, args: Any, kwargs: Any) -> Any:
-    _current.set(task)
-    error = task.finish()
-    if error is not None:  # cancelled while it waited in the call queue: never started
-        raise error
-    return _call(task, fn, args, kwargs)
-
-
-def _name_unpicklable(
-    report: Callable[[BaseException, Any], None], exc: BaseException, item: Any
-) -> None:
-    """The call queue's feeder error hook: fail the future with an error naming the culprit."""
-    from multiprocessing.reduction import ForkingPickler
-
-    parts = [*getattr(item, "args", ()), *getattr(item, "kwargs", {}).values()]
-    for culprit in parts:  # the task first, then its arguments
-        try:
-            ForkingPickler.dumps(culprit)
-        except Exception:
-            exc = TypeError(_unpicklable(culprit, str(exc)))
-            break
-    report(exc, item)
-
-
-def _unpicklable(obj: object, why: str) -> str:
-    return (
-        f"cannot send {obj!r} to a worker process ({why}): closures, lambdas and bound methods "
-        "of app objects cannot cross processes; submit a module-level function with picklable "
-        "arguments, or use EXECUTOR_TYPE='thread'"
-    )
-
-
-class GeventBackend(Backend):
-    """Tasks as greenlets in a ``gevent.pool.Pool``, for apps served by gevent."""
-
-    def create_pool(self, max_workers: int | None, config: Config) -> concurrent.futures.Executor:
-        try:
-            import gevent.pool  # noqa: F401
-        except ImportError as exc:
-            raise ImportError("EXECUTOR_TYPE='gevent' needs gevent: pip install gevent") from exc
-        return _GeventExecutor(max_workers)
-
-
-class _GeventExecutor(concurrent.futures.Executor):
-    """A ``gevent.pool.Pool`` behind the Executor interface; ``submit`` never blocks."""
-
-    def __init__(self, max_workers: int | None) -> None:
-        import gevent.pool
-
-        self._get_hub = gevent.get_hub
-        self._getcurrent = gevent.getcurrent
-        self._pool = gevent.pool.Pool(max_workers)
-        # Tasks that found every slot busy, oldest first: a full Pool.spawn would block.
-        self._waiting: collections.deque[tuple[Any, ...]] = collections.deque()
-        self._shutdown = False
-
-    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
-        if self._shutdown:
-            raise RuntimeError("cannot schedule new futures after shutdown")
-        if self._getcurrent().parent is None and not _runs_a_hub():
-            raise RuntimeError(
-                "EXECUTOR_TYPE='gevent' runs tasks as greenlets of the submitting thread's "
-                f"gevent hub, and this thread ({threading.current_thread().name}) runs none: "
-                "its tasks would never run. Serve the app with gevent (gunicorn -k gevent, "
-                "gevent.pywsgi) or call gevent.monkey.patch_all() first, or use "
-                "EXECUTOR_TYPE='thread'"
-            )
-        future = _GeventFuture()
-        future._hub = self._get_hub()  # the hub whose loop will run the greenlet
-        if self._pool.full():
-            self._waiting.append((future, fn, args, kwargs))
-        else:
-            self._spawn((future, fn, args, kwargs))
-        return future
-
-    def _spawn(self, task: tuple[Any, ...]) -> None:
-        greenlet = self._pool.spawn(_run_in_future, *task)
-        if self._pool.size is not None:
-            greenlet.rawlink(self._start_next)  # runs after the pool has freed the slot
-
-    def _start_next(self, _greenlet: object) -> None:
-        if self._waiting:
-            self._spawn(self._waiting.popleft())
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        if wait and self._getcurrent() in self._pool.greenlets:
-            raise RuntimeError(
-                "cannot join current greenlet: shutdown(wait=True) was called from one of this "
-                "executor's own tasks, which would wait for itself; use shutdown(wait=False)"
-            )
-        self._shutdown = True
-        if cancel_futures:
-            for greenlet in list(self._pool):  # spawned, not started: cancel() succeeds
-                if greenlet.args:  # gevent drops args once a greenlet has run
-                    Future.cancel(greenlet.args[0])  # pending only, not a running one
-            while self._waiting:
-                Future.cancel(self._waiting.popleft()[0])
-        while wait and (self._pool or self._waiting):
-            self._pool.join()
-
-
-def _runs_a_hub() -> bool:
-    """Whether this thread, outside any greenlet, lets gevent's hub run: the main thread
-    does (a script's main thread runs it while it waits on a result); a plain thread of a
-    threaded server, or a native thread of a monkey-patched process, never does."""
-    return _MAIN_OS_THREAD is None or _os_thread() == _MAIN_OS_THREAD
-
-
-def _os_thread() -> int:
-    """This OS thread's id (threading's is a greenlet's under gevent's monkey-patching)."""
-    monkey = sys.modules.get("gevent.monkey")
-    get_ident = _thread.get_ident if monkey is None else monkey.get_original("_thread", "get_ident")
-    return get_ident()
-
-
-# The main thread's OS id, if this module is imported there (else every thread may submit).
-_MAIN_OS_THREAD = _os_thread() if threading.current_thread() is threading.main_thread() else None
-
-
-def _run_in_future(future: Any, fn: Task, args: tuple[Any, ...], kwargs: Any) -> None:
-    if not future.set_running_or_notify_cancel():
-        return
-    future._greenlet = sys.modules["gevent"].getcurrent()  # where a stop is thrown in
-    try:
-        result = fn(*args, **kwargs)
-    except BaseException as exc:
-        future.set_exception(exc)
-        future = None  # the traceback holds this frame: no cycle
-    else:
-        future.set_result(result)
-
-
-BACKENDS: dict[str, Backend] = {
-    "thread": ThreadBackend(),
-    "process": ProcessBackend(),
-    "gevent": GeventBackend(),
-}
-
-
-def register_backend(name: str, backend: Backend) -> None:
-    """Make ``EXECUTOR_TYPE=name`` choose ``backend``."""
-    if not isinstance(backend, Backend):
-        raise TypeError(f"register_backend() needs a Backend instance, got {backend!r}")
-    BACKENDS[name.lower()] = backend
-
-
-# -- 3. Contexts -------------------------------------------------------------------
+_current: contextvars.ContextVar[Any] = contextvars.ContextVar(f"{__name__}.task")
 
 
 class _Task:
@@ -657,56 +315,6 @@ def _in_app_context(task: _Task, is_task: bool, fn: Task, args: Any, kwargs: Any
                 appcontext_popped.send(app, _async_wrapper=app.ensure_sync)
 
 
-# Time limits and stopping a task (EXECUTOR_TIMEOUT, future.cancel()).
-#
-# Nothing is ever raised into a running thread or process at an arbitrary instruction: an
-# exception injected there (PyThreadState_SetAsyncExc, a signal handler that raises) can land
-# between a lock's acquire() and the try: that releases it, in the task's code or the
-# standard library's (logging's handler lock, queue.Queue), and hang the whole process. So:
-# - the future is made done at once, by whoever stops it: cancel() in the caller's thread,
-#   or at the limit the watchdog thread (one per process; it only resolves futures);
-# - the task is asked to stop: stop_requested() turns True in it (thread: its _Task; process:
-#   a _WorkerTask reading the pool's shared memory); a task that never asks runs to its end,
-#   and its late outcome is dropped (logged at INFO);
-# - a gevent task is also killed for real: the stop is thrown in at its next switch (as
-#   gevent's kill), only while it is inside its own function, never in our code around it.
-# Locks, in the order they are taken: a Future's _condition, then _stop_lock (held for a
-# few assignments only). The watchdog's `changed` is never held while a future is touched.
-# After a fork: _stop_lock is made anew, and the watchdog is started again on first use.
-
-
-class TaskTimeout(concurrent.futures.TimeoutError):
-    """A task ran past its time limit (EXECUTOR_TIMEOUT): its future was stopped."""
-
-    def __init__(self, task: str, limit: float) -> None:
-        super().__init__(
-            f"background task {task} was stopped: it ran past its time limit of {limit} s "
-            "(EXECUTOR_TIMEOUT)"
-        )
-        self.task, self.limit = task, limit
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.task, self.limit))
-
-
-_current: contextvars.ContextVar[Any] = contextvars.ContextVar(f"{__name__}.task")
-_stop_lock = threading.Lock()  # guards every _Task's stopped and over
-
-
-def stop_requested() -> bool:
-    """True inside a task once its time limit has passed or it was cancelled.
-
-    Long tasks check it in their loops and return early: nothing else stops a thread or
-    process task. False outside a task, and in a task nobody asked to stop.
-    """
-    task = _current.get(None)
-    return task is not None and task.stop_requested()
-
-
-class _Stop(BaseException):
-    """Thrown into a gevent task to kill it; it leaves the task as its public stop error."""
-
-
 def _call(task: _Task | _WorkerTask, fn: Task, args: Any, kwargs: Any) -> Any:
     """Call a task's function, then claim its end: if it was stopped first, raise the
     error its future got (so teardown sees it, and a stored task stores nothing)."""
@@ -745,126 +353,6 @@ def _run_coroutine(coroutine: Any, fn: Task) -> Any:
             "of one thread would share its one asyncio loop; make it a plain function"
         )
     return asyncio.run(coroutine)
-
-
-class _WorkerTask:
-    """A process task, as its worker sees it: asked to stop through the pool's shared memory."""
-
-    __slots__ = ("deadline", "inside", "limit", "name", "number", "stopped")
-
-    def __init__(self, number: int, limit: float | None, fn: Task) -> None:
-        self.number, self.limit, self.name = number, limit, fn
-        self.deadline = None if limit is None else time.monotonic() + limit
-        self.stopped: Callable[[], BaseException] | None = None
-        self.inside = False
-        starts = _worker_shared[1]
-        if starts is not None:  # the start first, then the number: a reader checks it
-            slot = 2 * (number % _STARTS)
-            starts[slot + 1], starts[slot] = time.monotonic(), number
-
-    def stop_requested(self) -> bool:
-        if self.deadline is not None and time.monotonic() >= self.deadline:
-            return True
-        stops = _worker_shared[0]
-        return stops is not None and self.number in stops[:]
-
-    def finish(self) -> BaseException | None:
-        """None, or the error its future got in the web process if it was stopped."""
-        if not self.stop_requested():
-            return None
-        if self.limit is not None and self.deadline and time.monotonic() >= self.deadline:
-            self.stopped = functools.partial(TaskTimeout, _task_name(self.name), self.limit)
-        else:
-            self.stopped = functools.partial(_cancelled_error, self.name)
-        return self.stopped()
-
-
-def _cancelled_error(fn: object) -> BaseException:
-    return concurrent.futures.CancelledError(f"background task {_task_name(fn)} was cancelled")
-
-
-class _Limit:
-    """One task's time limit, as the watchdog keeps it: counted from the task's start."""
-
-    __slots__ = ("error", "future", "limit", "started")
-
-    def __init__(self, future: Future[Any], started: Callable[[], float | None], fn: Task,
-                 limit: float) -> None:  # fmt: skip
-        self.future = weakref.ref(future)  # not kept alive by the watchdog: a dropped future
-        self.started, self.limit = started, limit  # is logged (and freed) at once
-        self.error = functools.partial(TaskTimeout, _task_name(fn), limit)
-
-    def done(self) -> bool:
-        future = self.future()
-        return future is None or future.done()
-
-    def check(self) -> float | None:
-        """Stop the task if its time is up; else when to look again (None: never)."""
-        future = self.future()
-        if future is None or future.done():
-            return None
-        started, now = self.started(), time.monotonic()
-        if started is None:  # not started yet: its limit cannot end before now + limit
-            return now + self.limit
-        if now < started + self.limit:
-            return started + self.limit
-        # In a thread of its own: the stop runs done-callbacks, and may write a shared store,
-        # neither of which may hold up the other tasks' limits.
-        threading.Thread(target=future._stop, args=(self.error,), daemon=True).start()  # type: ignore[attr-defined]
-        return None
-
-
-class _Watchdog(threading.Thread):
-    """One thread per process that makes futures done at their time limits."""
-
-    def __init__(self) -> None:
-        super().__init__(name=f"{__name__} time limits", daemon=True)
-        self.pid = _pid
-        self.due: list[tuple[float, int, _Limit]] = []  # a heap: the earliest first
-        self.count = itertools.count()
-        self.changed = threading.Condition()  # guards due
-
-    def add(self, limit: _Limit, when: float | None = None) -> None:
-        when = time.monotonic() + limit.limit if when is None else when
-        with self.changed:
-            heapq.heappush(self.due, (when, next(self.count), limit))
-            if len(self.due) > 1024 and len(self.due) & 1023 == 0:  # done long before
-                self.due = [entry for entry in self.due if not entry[2].done()]
-                heapq.heapify(self.due)
-            if self.due[0][2] is limit:
-                self.changed.notify()
-
-    def run(self) -> None:
-        while True:
-            with self.changed:
-                wait = self.due[0][0] - time.monotonic() if self.due else None
-                if wait is None or wait > 0:  # a day at most: within threading.TIMEOUT_MAX
-                    self.changed.wait(None if wait is None else min(wait, 86400))
-                    continue
-                limit = heapq.heappop(self.due)[2]
-            try:
-                again = limit.check()
-            except Exception:  # a failing check must not end the watchdog
-                logging.getLogger(__name__).exception("time limit watchdog")
-                again = None
-            if again is not None:
-                self.add(limit, again)
-
-
-_the_watchdog: _Watchdog | None = None
-
-
-def _watchdog() -> _Watchdog:
-    """This process's watchdog, started on first use (again in a forked child)."""
-    global _the_watchdog
-    watchdog = _the_watchdog
-    if watchdog is not None and watchdog.pid == _pid:
-        return watchdog
-    with _fork_lock:
-        if _the_watchdog is None or _the_watchdog.pid != _pid:
-            _the_watchdog = _Watchdog()
-            _the_watchdog.start()
-        return _the_watchdog
 
 
 # Pushing a task's context. Flask's own push() and pop() would, on Flask 3.2, route the
@@ -1041,6 +529,155 @@ class _ContextFuture(Future):  # type: ignore[type-arg]
 setattr(_ContextFuture, "__proxied_object", property(lambda future: future))
 
 
+# -- 3. Backends ---------------------------------------------------------------------
+
+
+class Backend(abc.ABC):
+    """How the tasks of one EXECUTOR_TYPE run: the pool, and whether they get Flask contexts.
+
+    ``create_pool`` may return any :class:`concurrent.futures.Executor`; to check or wrap
+    each task before it is queued, return a pool whose ``submit`` does so.
+    """
+
+    #: True: each task runs inside a copy of its submitter's Flask contexts (GUIDE's table).
+    contexts = True
+
+    @abc.abstractmethod
+    def create_pool(self, max_workers: int | None, config: Config) -> concurrent.futures.Executor:
+        """Build the pool that one app's tasks run on."""
+
+
+class ThreadBackend(Backend):
+    """Tasks on a :class:`concurrent.futures.ThreadPoolExecutor`, with Flask contexts."""
+
+    def create_pool(self, max_workers: int | None, config: Config) -> concurrent.futures.Executor:
+        prefix = f"{config.app.name}-{config.prefix}executor"
+        return concurrent.futures.ThreadPoolExecutor(max_workers, thread_name_prefix=prefix)
+
+
+class GeventBackend(Backend):
+    """Tasks as greenlets in a ``gevent.pool.Pool``, for apps served by gevent."""
+
+    def create_pool(self, max_workers: int | None, config: Config) -> concurrent.futures.Executor:
+        try:
+            import gevent.pool  # noqa: F401
+        except ImportError as exc:
+            raise ImportError("EXECUTOR_TYPE='gevent' needs gevent: pip install gevent") from exc
+        return _GeventExecutor(max_workers)
+
+
+class _GeventExecutor(concurrent.futures.Executor):
+    """A ``gevent.pool.Pool`` behind the Executor interface; ``submit`` never blocks."""
+
+    def __init__(self, max_workers: int | None) -> None:
+        import gevent.pool
+
+        self._get_hub = gevent.get_hub
+        self._getcurrent = gevent.getcurrent
+        self._pool = gevent.pool.Pool(max_workers)
+        # Tasks that found every slot busy, oldest first: a full Pool.spawn would block.
+        self._waiting: collections.deque[tuple[Any, ...]] = collections.deque()
+        self._shutdown = False
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        if self._getcurrent().parent is None and not _runs_a_hub():
+            raise RuntimeError(
+                "EXECUTOR_TYPE='gevent' runs tasks as greenlets of the submitting thread's "
+                f"gevent hub, and this thread ({threading.current_thread().name}) runs none: "
+                "its tasks would never run. Serve the app with gevent (gunicorn -k gevent, "
+                "gevent.pywsgi) or call gevent.monkey.patch_all() first, or use "
+                "EXECUTOR_TYPE='thread'"
+            )
+        future = _GeventFuture()
+        future._hub = self._get_hub()  # the hub whose loop will run the greenlet
+        if self._pool.full():
+            self._waiting.append((future, fn, args, kwargs))
+        else:
+            self._spawn((future, fn, args, kwargs))
+        return future
+
+    def _spawn(self, task: tuple[Any, ...]) -> None:
+        greenlet = self._pool.spawn(_run_in_future, *task)
+        if self._pool.size is not None:
+            greenlet.rawlink(self._start_next)  # runs after the pool has freed the slot
+
+    def _start_next(self, _greenlet: object) -> None:
+        if self._waiting:
+            self._spawn(self._waiting.popleft())
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        if wait and self._getcurrent() in self._pool.greenlets:
+            raise RuntimeError(
+                "cannot join current greenlet: shutdown(wait=True) was called from one of this "
+                "executor's own tasks, which would wait for itself; use shutdown(wait=False)"
+            )
+        self._shutdown = True
+        if cancel_futures:
+            for greenlet in list(self._pool):  # spawned, not started: cancel() succeeds
+                if greenlet.args:  # gevent drops args once a greenlet has run
+                    Future.cancel(greenlet.args[0])  # pending only, not a running one
+            while self._waiting:
+                Future.cancel(self._waiting.popleft()[0])
+        while wait and (self._pool or self._waiting):
+            self._pool.join()
+
+
+def _runs_a_hub() -> bool:
+    """Whether this thread, outside any greenlet, lets gevent's hub run: the main thread
+    does (a script's main thread runs it while it waits on a result); a plain thread of a
+    threaded server, or a native thread of a monkey-patched process, never does."""
+    return _MAIN_OS_THREAD is None or _os_thread() == _MAIN_OS_THREAD
+
+
+def _os_thread() -> int:
+    """This OS thread's id (threading's is a greenlet's under gevent's monkey-patching)."""
+    monkey = sys.modules.get("gevent.monkey")
+    get_ident = _thread.get_ident if monkey is None else monkey.get_original("_thread", "get_ident")
+    return get_ident()
+
+
+# The main thread's OS id, if this module is imported there (else every thread may submit).
+_MAIN_OS_THREAD = _os_thread() if threading.current_thread() is threading.main_thread() else None
+
+
+def _run_in_future(future: Any, fn: Task, args: tuple[Any, ...], kwargs: Any) -> None:
+    if not future.set_running_or_notify_cancel():
+        return
+    future._greenlet = sys.modules["gevent"].getcurrent()  # where a stop is thrown in
+    try:
+        result = fn(*args, **kwargs)
+    except BaseException as exc:
+        future.set_exception(exc)
+        future = None  # the traceback holds this frame: no cycle
+    else:
+        future.set_result(result)
+
+
+def _hub_here() -> Any:
+    """gevent's hub of this thread, if it has one; never makes one (a hub holds file
+    descriptors that only its thread closes). gevent has no public way to ask this; its
+    _hub_local module does (test_gevent_hub_lookup fails if it moves)."""
+    if "gevent" not in sys.modules:
+        return None
+    from gevent._hub_local import get_hub_if_exists
+
+    return get_hub_if_exists()
+
+
+def _sleep(seconds: float) -> None:
+    """Sleep without blocking gevent's hub, in a thread that has one; else a plain sleep
+    (the original time.sleep, where gevent has monkey-patched it)."""
+    gevent = sys.modules.get("gevent")
+    if gevent is None:
+        return time.sleep(seconds)
+    if _hub_here() is not None:
+        return gevent.sleep(seconds)  # type: ignore[no-any-return]
+    monkey = sys.modules.get("gevent.monkey")  # not imported: nothing was patched
+    (time.sleep if monkey is None else monkey.get_original("time", "sleep"))(seconds)
+
+
 class _GeventFuture(_ContextFuture):
     """A Future a greenlet can wait on without blocking its hub, patched or not."""
 
@@ -1072,7 +709,206 @@ class _GeventFuture(_ContextFuture):
         return 0
 
 
-# -- 4. Futures --------------------------------------------------------------------
+class ProcessBackend(Backend):
+    """Tasks on a :class:`concurrent.futures.ProcessPoolExecutor`: no contexts, pickled calls.
+
+    EXECUTOR_START_METHOD picks how worker processes start: ``'spawn'`` (the default: a fresh
+    interpreter, safe whatever threads or forks the web process has), ``'forkserver'`` or
+    ``'fork'`` (fastest; workers inherit a copy of the web process as it was).
+    """
+
+    contexts = False
+
+    def create_pool(self, max_workers: int | None, config: Config) -> concurrent.futures.Executor:
+        method = str(config.get("EXECUTOR_START_METHOD")).strip().lower()
+        if method not in multiprocessing.get_all_start_methods():
+            raise ValueError(
+                f"{config.prefix}EXECUTOR_START_METHOD={method!r} is not a start method on this "
+                f"platform; choose one of {multiprocessing.get_all_start_methods()}"
+            )
+        limit = config.seconds("EXECUTOR_TIMEOUT")
+        return _ProcessPool(max_workers, multiprocessing.get_context(method), limit)
+
+
+class _ProcessPool(concurrent.futures.ProcessPoolExecutor):
+    """A process pool that refuses, with the reason, what cannot reach a worker process,
+    and that can ask a running task to stop (see "Time limits and stopping a task").
+
+    Two arrays in shared memory, written without locks (each slot has one writer at a time):
+    ``_starts`` holds, for task number n, (n, when it started) at slot n % _STARTS (written
+    by the worker that runs it); ``_stops`` holds the numbers of the tasks asked to stop
+    (written by this process under _stops_lock, freed when the task's late outcome comes
+    back). A task this process marks running is in a worker or in the call queue: at most
+    twice the workers, and one more."""
+
+    def __init__(self, max_workers: int | None, mp_context: Any, limit: float | None) -> None:
+        slots = 2 * (max_workers or os.cpu_count() or 1) + 2  # running or in the call queue
+        self._stops, self._starts = mp_context.RawArray("q", slots), None
+        if limit is not None:  # only a pool with a limit pays for knowing when tasks start
+            self._starts = mp_context.RawArray("d", 2 * _STARTS)
+        shared = (self._stops, self._starts)
+        super().__init__(
+            max_workers, mp_context=mp_context, initializer=_init_worker, initargs=shared
+        )
+        self._limit = limit
+        self._numbers = itertools.count(1)  # task numbers; 0 marks a free slot
+        self._stops_lock = threading.Lock()  # guards _stops, and each future's _ended
+        # The pool pickles calls in its queue's feeder thread and fails the future with the
+        # bare pickling error; name the object that failed instead (CPython 3.9+ hook).
+        queue: Any = self._call_queue  # type: ignore[attr-defined]
+        queue._on_queue_feeder_error = functools.partial(
+            _name_unpicklable, queue._on_queue_feeder_error
+        )
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        name = getattr(fn, "__qualname__", "")
+        if "<lambda>" in name or "<locals>" in name:
+            raise TypeError(_unpicklable(fn, "a lambda or nested function has no importable name"))
+        if isinstance(getattr(inspect.unwrap(fn), "__self__", None), Flask):
+            raise TypeError(_unpicklable(fn, "it is a bound method of the Flask app"))
+        number = next(self._numbers)
+        future = super().submit(_in_fresh_context, number, self._limit, fn, *args, **kwargs)
+        future.__class__ = _ContextFuture
+        future._ask = functools.partial(self._ask_to_stop, number)  # type: ignore[attr-defined]
+        if self._limit is not None:
+            started = functools.partial(self._started, number)
+            _watchdog().add(_Limit(future, started, fn, self._limit))
+        return future
+
+    def _started(self, number: int) -> float | None:
+        """When task ``number`` started in a worker, or None if it has not (yet). Its slot
+        may hold a later task's start by now: the queue is first in, first out, so it
+        started no later than that (its limit may then end a little late, never early)."""
+        starts: Any = self._starts
+        slot = 2 * (number % _STARTS)
+        there, when = starts[slot], starts[slot + 1]
+        return when if there >= number and (there - number) % _STARTS == 0 else None
+
+    def _ask_to_stop(self, number: int, future: Any, ended: bool = False) -> None:
+        """Ask task ``number`` to stop; ``ended``: its outcome came back, free its slot."""
+        with self._stops_lock:
+            if ended or future._ended:
+                future._ended = True
+                for at, asked in enumerate(self._stops):
+                    if asked == number:
+                        self._stops[at] = 0
+                return
+            free = next((at for at, asked in enumerate(self._stops) if asked == 0), None)
+            if free is not None:  # else: more stopped tasks than can be queued or run
+                self._stops[free] = number
+
+
+def _init_worker(stops: Any, starts: Any) -> None:
+    """Each worker's initializer: keep the shared arrays, and exit soon after the process
+    owning the pool dies (a gunicorn worker killed on --timeout), instead of waiting on its
+    queue forever."""
+    global _worker_shared
+    _worker_shared = (stops, starts)
+    owner = multiprocessing.parent_process()
+    if owner is not None:
+        threading.Thread(target=_exit_when_gone, args=(owner,), daemon=True).start()
+
+
+def _exit_when_gone(owner: multiprocessing.process.BaseProcess) -> None:
+    owner.join()  # returns once the owner's end of the sentinel pipe is closed
+    os._exit(1)
+
+
+def _in_fresh_context(
+    number: int, limit: float | None, fn: Task, /, *args: Any, **kwargs: Any
+) -> Any:
+    """Run a process task in empty context variables (a worker started by fork holds a copy
+    of whatever request was active in the thread that forked it: not the task's), where
+    stop_requested() answers for it, and make sure what it returns or raises can reach the
+    web process."""
+    from multiprocessing.reduction import ForkingPickler
+
+    task = _WorkerTask(number, limit, fn)
+    try:
+        result = contextvars.Context().run(_call_in_worker, task, fn, args, kwargs)
+    except BaseException as exc:
+        try:
+            pickle.loads(ForkingPickler.dumps(exc))
+        except Exception as why:  # it would fail in the pool's thread and break the pool
+            message = f"{_task_name(fn)} raised {type(exc).__qualname__}: {exc}"
+            raise RuntimeError(f"{message} (not re-creatable in the web process: {why})") from exc
+        raise
+    if type(result) not in _PLAIN:  # checked here, where the error can name the task
+        try:
+            ForkingPickler.dumps(result)
+        except Exception as exc:
+            raise TypeError(
+                f"the return value of {_task_name(fn)} could not be sent back to the web "
+                f"process: {exc}; return picklable values"
+            ) from None
+    return result
+
+
+_PLAIN = {type(None), bool, int, float, str, bytes}  # results that always pickle
+
+
+def _call_in_worker(task: _WorkerTask, fn: Task, args: Any, kwargs: Any) -> Any:
+    _current.set(task)
+    error = task.finish()
+    if error is not None:  # cancelled while it waited in the call queue: never started
+        raise error
+    return _call(task, fn, args, kwargs)
+
+
+def _name_unpicklable(
+    report: Callable[[BaseException, Any], None], exc: BaseException, item: Any
+) -> None:
+    """The call queue's feeder error hook: fail the future with an error naming the culprit."""
+    from multiprocessing.reduction import ForkingPickler
+
+    parts = [*getattr(item, "args", ()), *getattr(item, "kwargs", {}).values()]
+    for culprit in parts:  # the task first, then its arguments
+        try:
+            ForkingPickler.dumps(culprit)
+        except Exception:
+            exc = TypeError(_unpicklable(culprit, str(exc)))
+            break
+    report(exc, item)
+
+
+def _unpicklable(obj: object, why: str) -> str:
+    return (
+        f"cannot send {obj!r} to a worker process ({why}): closures, lambdas and bound methods "
+        "of app objects cannot cross processes; submit a module-level function with picklable "
+        "arguments, or use EXECUTOR_TYPE='thread'"
+    )
+
+
+BACKENDS: dict[str, Backend] = {
+    "thread": ThreadBackend(),
+    "process": ProcessBackend(),
+    "gevent": GeventBackend(),
+}
+
+
+def register_backend(name: str, backend: Backend) -> None:
+    """Make ``EXECUTOR_TYPE=name`` choose ``backend``."""
+    if not isinstance(backend, Backend):
+        raise TypeError(f"register_backend() needs a Backend instance, got {backend!r}")
+    BACKENDS[name.lower()] = backend
+
+
+def _backend(config: Config) -> Backend:
+    """The backend named by EXECUTOR_TYPE (or the Backend object given there)."""
+    value = config.get("EXECUTOR_TYPE")
+    if isinstance(value, Backend):
+        return value
+    backend = BACKENDS.get(str(value).strip().lower())
+    if backend is None:
+        names = ", ".join(repr(name) for name in sorted(BACKENDS))
+        raise ValueError(
+            f"{config.prefix}EXECUTOR_TYPE={value!r} is not a known executor type; "
+            f"choose one of {names}, pass a Backend object, or call register_backend()"
+        )
+    return backend
+
+
+# -- 4. Futures ----------------------------------------------------------------------
 
 
 class FutureCollection:
@@ -1185,6 +1021,558 @@ class FutureCollection:
 
 def _taken(future_key: Any) -> str:
     return f"future_key {future_key!r} already exists: pop it first or use another key"
+
+
+# -- 5. The extension ----------------------------------------------------------------
+
+
+class _AppState:
+    """One app's side of an Executor: its settings, pool and futures dict, in one process."""
+
+    def __init__(self, executor: Executor, app: Flask) -> None:
+        config = Config(app, executor.name)
+        self.app, self.executor, self.config = app, executor, config
+        self.backend = _backend(config)
+        self.contexts = self.backend.contexts
+        self.max_workers = config.number("EXECUTOR_MAX_WORKERS")
+        self.max_length = config.number("EXECUTOR_FUTURES_MAX_LENGTH")
+        self.propagate = config.flag("EXECUTOR_PROPAGATE_EXCEPTIONS")
+        self.push = config.flag("EXECUTOR_PUSH_APP_CONTEXT")
+        self.limit = config.seconds("EXECUTOR_TIMEOUT")
+        used = {"EXECUTOR_MAX_WORKERS": self.max_workers, "EXECUTOR_TIMEOUT": self.limit,
+                "EXECUTOR_FUTURES_MAX_LENGTH": self.max_length, "EXECUTOR_PUSH_APP_CONTEXT":
+                self.push, "EXECUTOR_PROPAGATE_EXCEPTIONS": self.propagate}  # fmt: skip
+        self.shared = _shared_futures(config, used)  # section 8; None: in memory
+        self._shutdown = False
+        self.own_pool()  # built now, so a bad config fails at init_app, before app changes
+        for key in _KEYS:  # app.config shows what it runs with
+            app.config.setdefault(config.prefix + key, used.get(key, config.get(key)))
+
+    def own_pool(self) -> None:
+        """Give this process its own pool, futures dict and lock (at init, and after a fork).
+
+        The parent's are left untouched: their threads and pipes belong to the parent.
+        """
+        self.pool = self.backend.create_pool(self.max_workers, self.config)
+        if self.shared is None:
+            self.futures = FutureCollection(self.max_length, self.app.logger)
+        else:
+            self.futures = self.shared(logger=self.app.logger)
+        self._pool_lock = threading.Lock()  # guards replacing a broken pool
+        self.pid = _pid
+        if self._shutdown:  # shut down before the fork: stays shut down in the child
+            self.pool.shutdown(wait=False)
+
+    def start(self, fn: Task, args: tuple[Any, ...], kwargs: Any) -> Future[Any]:
+        """Submit one task to the pool, replacing the pool once if it is broken."""
+        if not callable(fn):
+            raise TypeError(f"submit() needs a callable, got {fn!r} ({type(fn).__name__})")
+        app_ctx = _cv_app.get(None)
+        g_attrs = app_ctx.g.__dict__.copy() if self.push and app_ctx is not None else None
+        task = _Task(self.app, g_attrs, self.push, fn, self.limit)
+        if self.contexts:
+            fn, args = _run_task, (task, *args)
+        pool = self.pool
+        try:
+            future = pool.submit(fn, *args, **kwargs)
+        except concurrent.futures.BrokenExecutor:
+            future = self._replace_broken(pool).submit(fn, *args, **kwargs)
+        if type(future) is Future:
+            future.__class__ = _ContextFuture
+        future._captured = task  # type: ignore[attr-defined]  # for its callbacks and stops
+        if self.limit is not None and self.contexts and isinstance(future, _ContextFuture):
+            # (the process pool watches its own; another pool's futures cannot be stopped)
+            started = functools.partial(getattr, task, "started")
+            _watchdog().add(_Limit(future, started, task.fn, self.limit))
+        return future
+
+    def attach_callbacks(self, future: Future[T], fn: Task) -> Future[T]:
+        callbacks: list[Callback] = list(self.executor._default_callbacks)
+        if self.propagate:
+            callbacks.insert(0, functools.partial(_log_failure, self.app, fn))
+        captured = future._captured  # type: ignore[attr-defined]
+        for callback in callbacks:
+            if not isinstance(future, _ContextFuture):  # another pool's future: wrap it here
+                callback = functools.partial(_run_callback, captured, callback)
+            future.add_done_callback(callback)
+        return future
+
+    def _replace_broken(self, broken: concurrent.futures.Executor) -> concurrent.futures.Executor:
+        with self._pool_lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            if self.pool is broken:
+                self.app.logger.warning(
+                    "executor pool is broken (a worker died); starting a new one"
+                )
+                broken.shutdown(wait=False)
+                self.pool = self.backend.create_pool(self.max_workers, self.config)
+            return self.pool
+
+    def shutdown(self, wait: bool, cancel_futures: bool) -> None:
+        if self.pid != _pid:  # the pool and its lock are the parent's: leave them alone
+            self._shutdown = True
+            return
+        with self._pool_lock:
+            self._shutdown = True
+        if cancel_futures and "cancel_futures" in inspect.signature(self.pool.shutdown).parameters:
+            self.pool.shutdown(wait=wait, cancel_futures=True)
+        else:  # pools that predate cancel_futures (Dask's, loky's) run what they queued
+            self.pool.shutdown(wait=wait)
+
+
+def _warn_unknown_keys(app: Flask) -> None:
+    """Warn once per app about a ``*EXECUTOR_*`` config key no executor reads (a typo:
+    EXECUTOR_TIMOUT), naming the closest key that is read."""
+    warned = app.extensions.setdefault(f"{__name__}:unknown keys", set())
+    for key in map(str, app.config):
+        prefix, found, rest = key.rpartition("EXECUTOR_")
+        known = any(key.endswith(k) and re.fullmatch(r"(\w+_)?", key[: -len(k)]) for k in _KEYS)
+        if not found or known or key in warned:
+            continue
+        warned.add(key)
+        close = difflib.get_close_matches(f"EXECUTOR_{rest}", _KEYS, 1, 0.6)
+        hint = f"did you mean {prefix}{close[0]}?" if close else f"the keys are {', '.join(_KEYS)}"
+        app.logger.warning("config key %s is not one flask_executor reads: %s", key, hint)
+
+
+def _in_this_process(state: _AppState) -> _AppState:
+    """The state, with its own pool in this process: the first use after a fork."""
+    with _fork_lock:
+        if state.pid != _pid:
+            state.own_pool()
+    return state
+
+
+def _log_failure(app: Flask, fn: Task, future: Future[Any]) -> None:
+    if not future.cancelled() and (exc := future.exception()) is not None:
+        app.logger.error("background task %r raised %r", fn, exc, exc_info=exc)
+
+
+class Executor(concurrent.futures.Executor):
+    """The Flask extension: ``Executor(app)``, or ``Executor()`` then ``init_app(app)``.
+
+    ``name`` prefixes the config keys: ``Executor(name='custom')`` reads
+    ``CUSTOM_EXECUTOR_TYPE``. It is registered as ``app.extensions[name + 'executor']``.
+    """
+
+    def __init__(self, app: Flask | None = None, name: str = "") -> None:
+        if not isinstance(name, str) or not re.fullmatch(r"\w*", name):
+            raise ValueError(
+                f"Executor name {name!r} may only contain letters, digits and underscores"
+            )
+        self.name = name
+        for key in _KEYS:  # 1.0 exposed the prefixed key names: executor.EXECUTOR_TYPE
+            setattr(self, key, _prefix(name) + key)
+        self._key = name + "executor"  # 1.0's key; per-app state lives under _state_key
+        self._state_key = f"{__name__}:{self._key}"
+        self._apps: list[weakref.ref[Flask]] = []  # the apps it serves; dead ones drop out
+        self._default_callbacks: list[Callback] = []
+        self.app = app  # 1.0's attribute; it also keeps an app made in the call alive
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Flask) -> None:
+        """Read this executor's config from ``app`` and give ``app`` its own pool.
+
+        Again on the same app (or another executor of the same name), the new one replaces
+        the old, as in 1.0, with a warning; the old pool finishes its queued tasks and stops.
+        """
+        app = getattr(app, "_get_current_object", lambda: app)()  # current_app works too
+        state = _AppState(self, app)  # may raise: the app is left as it was
+        _warn_unknown_keys(app)
+        old: _AppState | None = app.extensions.get(self._state_key)
+        if old is not None:
+            app.logger.warning(
+                "app.extensions[%r] was already set on app %r: replacing it (its pool stops "
+                "once its queued tasks finish); create each Executor once, at start-up",
+                self._key,
+                app.name,
+            )
+            old.shutdown(wait=False, cancel_futures=False)
+        app.extensions[self._state_key] = state
+        app.extensions[self._key] = self
+        if not any(ref() is app for ref in self._apps):
+            self._apps.append(weakref.ref(app, self._apps.remove))
+
+    def _state(self) -> _AppState:
+        """This executor's state on ``current_app``, else on the only app it serves."""
+        app_ctx = _cv_app.get(None)
+        state: _AppState | None
+        if app_ctx is not None:
+            state = app_ctx.app.extensions.get(self._state_key)
+            if state is not None:
+                return state if state.pid == _pid else _in_this_process(state)
+            where = f"app {app_ctx.app.name!r} (the current app)"
+        elif len(self._apps) == 1 and (app := self._apps[0]()) is not None:
+            state = app.extensions[self._state_key]
+            return state if state.pid == _pid else _in_this_process(state)
+        else:
+            apps = len(self._apps)
+            where = "any app" if not apps else f"one of {apps} apps without an app context"
+        raise RuntimeError(
+            f"Executor {self.name!r} is not initialised on {where}: call "
+            "executor.init_app(app) first, or push an app context (with app.app_context():)"
+        )
+
+    def submit(self, fn: Callable[..., T] | None = None, /, *args: Any, **kwargs: Any) -> Future[T]:
+        """Run ``fn(*args, **kwargs)`` in the background; return its Future at once.
+
+        1.0's keyword form ``submit(fn=task, ...)`` works too.
+        """
+        if fn is None:
+            fn = kwargs.pop("fn", None)
+        state = self._state()
+        future = state.start(fn, args, kwargs)
+        if state.propagate or self._default_callbacks:
+            state.attach_callbacks(future, fn)
+        return future
+
+    def submit_stored(
+        self,
+        future_key: Any = _MISSING,
+        fn: Callable[..., T] | None = None,
+        /,
+        *args: Any,
+        **kwargs: Any,
+    ) -> Future[T]:
+        """Like submit, and keep the Future in ``executor.futures`` under ``future_key``.
+
+        1.0's keyword form ``submit_stored(future_key=key, fn=task, ...)`` works too.
+        """
+        if future_key is _MISSING:
+            if "future_key" not in kwargs:
+                raise TypeError("submit_stored() needs a future_key: submit_stored(key, fn, ...)")
+            future_key = kwargs.pop("future_key")
+        if fn is None:
+            fn = kwargs.pop("fn", None)
+        state = self._state()
+        future = state.futures._store(future_key, fn, lambda task: state.start(task, args, kwargs))
+        return state.attach_callbacks(future, fn)
+
+    def map(
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+    ) -> Iterator[T]:
+        """Like :meth:`concurrent.futures.Executor.map`; each call gets its own contexts."""
+        if chunksize < 1:
+            raise ValueError(f"chunksize must be >= 1, got {chunksize!r}")
+        if chunksize == 1:
+            return super().map(fn, *iterables, timeout=timeout)
+        chunks = _chunks(zip(*iterables, strict=False), chunksize)  # as map()
+        results = super().map(_run_chunk, itertools.repeat(fn), chunks, timeout=timeout)
+        return itertools.chain.from_iterable(results)
+
+    def job(self, fn: Callable[..., T]) -> ExecutorJob:
+        """Decorator: ``fn.submit(...)``, ``fn.submit_stored(key, ...)``, ``fn.map(...)``."""
+        return ExecutorJob(self, fn)
+
+    def add_default_done_callback(self, fn: Callback) -> None:
+        """Attach ``fn`` to every Future this executor creates from now on."""
+        self._default_callbacks.append(fn)
+
+    @property
+    def futures(self) -> FutureCollection:
+        """The futures dict of ``current_app`` (else of the only app). Read before
+        init_app (1.0 code keeps it at import time), it finds that dict when used."""
+        if not self._apps:
+            return _FuturesOf(self)  # type: ignore[return-value]
+        return self._state().futures
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Shut down the pool of every app this executor serves; later submits raise."""
+        for ref in list(self._apps):
+            app = ref()
+            state = None if app is None else app.extensions.get(self._state_key)
+            if state is not None and state.executor is self:  # not a replacement's pool
+                state.shutdown(wait, cancel_futures)
+
+    @property
+    def _self(self) -> concurrent.futures.Executor:
+        """1.0's name for the current app's pool."""
+        return self._state().pool
+
+
+class _FuturesOf:
+    """``executor.futures`` read before init_app: each use is the current app's dict's."""
+
+    __slots__ = ("_executor",)
+
+    def __init__(self, executor: Executor) -> None:
+        self._executor = executor
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._executor._state().futures, name)
+
+    def __len__(self) -> int:
+        return len(self._executor._state().futures)
+
+    def __contains__(self, future: object) -> bool:
+        return future in self._executor._state().futures
+
+    def __getitem__(self, future_key: Any) -> Future[Any]:
+        return self._executor._state().futures[future_key]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._executor._state().futures)
+
+
+def _forwarded(name: str) -> property:
+    return property(lambda executor: getattr(executor._self, name), doc=f"The pool's {name}.")
+
+
+# 1.0's Executor forwarded the attributes it lacked to its pool; real code reads these. As
+# properties, not __getattr__, which would slow every attribute read on the submit path.
+for _attribute in ["_max_workers", "_shutdown", "_broken", "_threads", "_work_queue",
+                   "_processes", "_mp_context", "_thread_name_prefix"]:  # fmt: skip
+    setattr(Executor, _attribute, _forwarded(_attribute))
+del _attribute
+
+
+def _chunks(items: Iterator[tuple[Any, ...]], size: int) -> Iterator[list[tuple[Any, ...]]]:
+    while chunk := list(itertools.islice(items, size)):
+        yield chunk
+
+
+def _run_chunk(fn: Task, chunk: list[tuple[Any, ...]]) -> list[Any]:
+    return [fn(*args) for args in chunk]
+
+
+class ExecutorJob:
+    """What ``@executor.job`` returns: call it to run now, or submit/map it in the background."""
+
+    def __init__(self, executor: Executor, fn: Task) -> None:
+        self.executor = executor
+        self.fn = fn
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<ExecutorJob {_task_name(self.fn)}>"
+
+    def __reduce__(self) -> str | tuple[Any, ...]:
+        if "__qualname__" in vars(self):  # a function: pickled by name, a worker imports it
+            return str(vars(self)["__qualname__"])
+        return (functools.partial, (self.fn,))  # a partial or a callable object: by value
+
+    def submit(self, *args: Any, **kwargs: Any) -> Future[Any]:
+        return self.executor.submit(self, *args, **kwargs)
+
+    def submit_stored(self, future_key: Any, *args: Any, **kwargs: Any) -> Future[Any]:
+        return self.executor.submit_stored(future_key, self, *args, **kwargs)  # 1.0's signature
+
+    def map(self, *iterables: Iterable[Any], **kwargs: Any) -> Iterator[Any]:
+        return self.executor.map(self, *iterables, **kwargs)
+
+
+# -- 6. 1.0 import paths: flask_executor.executor and flask_executor.futures ---------
+
+
+def propagate_exceptions_callback(future: Future[Any]) -> None:
+    """1.0's done-callback that re-raises a task's exception (ours logs it instead)."""
+    exc = future.exception()
+    if exc is not None:
+        raise exc
+
+
+_one_zero: dict[str, dict[str, object]] = {
+    "executor": {
+        "Executor": Executor,
+        "ExecutorJob": ExecutorJob,
+        "propagate_exceptions_callback": propagate_exceptions_callback,
+    },
+    "futures": {"FutureCollection": FutureCollection, "Future": Future},
+}
+for _name, _names in _one_zero.items():
+    _module = types.ModuleType(f"{__name__}.{_name}")
+    vars(_module).update(_names)
+    sys.modules.setdefault(_module.__name__, _module)
+    globals()[_name] = sys.modules[_module.__name__]
+del _name, _names, _module, _one_zero
+
+
+# -- 7. Time limits and stopping a task ----------------------------------------------
+
+
+# Time limits and stopping a task (EXECUTOR_TIMEOUT, future.cancel()).
+#
+# Nothing is ever raised into a running thread or process at an arbitrary instruction: an
+# exception injected there (PyThreadState_SetAsyncExc, a signal handler that raises) can land
+# between a lock's acquire() and the try: that releases it, in the task's code or the
+# standard library's (logging's handler lock, queue.Queue), and hang the whole process. So:
+# - the future is made done at once, by whoever stops it: cancel() in the caller's thread,
+#   or at the limit the watchdog thread (one per process; it only resolves futures);
+# - the task is asked to stop: stop_requested() turns True in it (thread: its _Task; process:
+#   a _WorkerTask reading the pool's shared memory); a task that never asks runs to its end,
+#   and its late outcome is dropped (logged at INFO);
+# - a gevent task is also killed for real: the stop is thrown in at its next switch (as
+#   gevent's kill), only while it is inside its own function, never in our code around it.
+# Locks, in the order they are taken: a Future's _condition, then _stop_lock (held for a
+# few assignments only). The watchdog's `changed` is never held while a future is touched.
+# After a fork: _stop_lock is made anew, and the watchdog is started again on first use.
+
+
+class TaskTimeout(concurrent.futures.TimeoutError):
+    """A task ran past its time limit (EXECUTOR_TIMEOUT): its future was stopped."""
+
+    def __init__(self, task: str, limit: float) -> None:
+        super().__init__(
+            f"background task {task} was stopped: it ran past its time limit of {limit} s "
+            "(EXECUTOR_TIMEOUT)"
+        )
+        self.task, self.limit = task, limit
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.task, self.limit))
+
+
+_stop_lock = threading.Lock()  # guards every _Task's stopped and over
+
+
+def stop_requested() -> bool:
+    """True inside a task once its time limit has passed or it was cancelled.
+
+    Long tasks check it in their loops and return early: nothing else stops a thread or
+    process task. False outside a task, and in a task nobody asked to stop.
+    """
+    task = _current.get(None)
+    return task is not None and task.stop_requested()
+
+
+class _Stop(BaseException):
+    """Thrown into a gevent task to kill it; it leaves the task as its public stop error."""
+
+
+class _WorkerTask:
+    """A process task, as its worker sees it: asked to stop through the pool's shared memory."""
+
+    __slots__ = ("deadline", "inside", "limit", "name", "number", "stopped")
+
+    def __init__(self, number: int, limit: float | None, fn: Task) -> None:
+        self.number, self.limit, self.name = number, limit, fn
+        self.deadline = None if limit is None else time.monotonic() + limit
+        self.stopped: Callable[[], BaseException] | None = None
+        self.inside = False
+        starts = _worker_shared[1]
+        if starts is not None:  # the start first, then the number: a reader checks it
+            slot = 2 * (number % _STARTS)
+            starts[slot + 1], starts[slot] = time.monotonic(), number
+
+    def stop_requested(self) -> bool:
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return True
+        stops = _worker_shared[0]
+        return stops is not None and self.number in stops[:]
+
+    def finish(self) -> BaseException | None:
+        """None, or the error its future got in the web process if it was stopped."""
+        if not self.stop_requested():
+            return None
+        if self.limit is not None and self.deadline and time.monotonic() >= self.deadline:
+            self.stopped = functools.partial(TaskTimeout, _task_name(self.name), self.limit)
+        else:
+            self.stopped = functools.partial(_cancelled_error, self.name)
+        return self.stopped()
+
+
+def _cancelled_error(fn: object) -> BaseException:
+    return concurrent.futures.CancelledError(f"background task {_task_name(fn)} was cancelled")
+
+
+class _Limit:
+    """One task's time limit, as the watchdog keeps it: counted from the task's start."""
+
+    __slots__ = ("error", "future", "limit", "started")
+
+    def __init__(self, future: Future[Any], started: Callable[[], float | None], fn: Task,
+                 limit: float) -> None:  # fmt: skip
+        self.future = weakref.ref(future)  # not kept alive by the watchdog: a dropped future
+        self.started, self.limit = started, limit  # is logged (and freed) at once
+        self.error = functools.partial(TaskTimeout, _task_name(fn), limit)
+
+    def done(self) -> bool:
+        future = self.future()
+        return future is None or future.done()
+
+    def check(self) -> float | None:
+        """Stop the task if its time is up; else when to look again (None: never)."""
+        future = self.future()
+        if future is None or future.done():
+            return None
+        started, now = self.started(), time.monotonic()
+        if started is None:  # not started yet: its limit cannot end before now + limit
+            return now + self.limit
+        if now < started + self.limit:
+            return started + self.limit
+        # In a thread of its own: the stop runs done-callbacks, and may write a shared store,
+        # neither of which may hold up the other tasks' limits.
+        threading.Thread(target=future._stop, args=(self.error,), daemon=True).start()  # type: ignore[attr-defined]
+        return None
+
+
+class _Watchdog(threading.Thread):
+    """One thread per process that makes futures done at their time limits."""
+
+    def __init__(self) -> None:
+        super().__init__(name=f"{__name__} time limits", daemon=True)
+        self.pid = _pid
+        self.due: list[tuple[float, int, _Limit]] = []  # a heap: the earliest first
+        self.count = itertools.count()
+        self.changed = threading.Condition()  # guards due
+
+    def add(self, limit: _Limit, when: float | None = None) -> None:
+        when = time.monotonic() + limit.limit if when is None else when
+        with self.changed:
+            heapq.heappush(self.due, (when, next(self.count), limit))
+            if len(self.due) > 1024 and len(self.due) & 1023 == 0:  # done long before
+                self.due = [entry for entry in self.due if not entry[2].done()]
+                heapq.heapify(self.due)
+            if self.due[0][2] is limit:
+                self.changed.notify()
+
+    def run(self) -> None:
+        while True:
+            with self.changed:
+                wait = self.due[0][0] - time.monotonic() if self.due else None
+                if wait is None or wait > 0:  # a day at most: within threading.TIMEOUT_MAX
+                    self.changed.wait(None if wait is None else min(wait, 86400))
+                    continue
+                limit = heapq.heappop(self.due)[2]
+            try:
+                again = limit.check()
+            except Exception:  # a failing check must not end the watchdog
+                logging.getLogger(__name__).exception("time limit watchdog")
+                again = None
+            if again is not None:
+                self.add(limit, again)
+
+
+_the_watchdog: _Watchdog | None = None
+
+
+def _watchdog() -> _Watchdog:
+    """This process's watchdog, started on first use (again in a forked child)."""
+    global _the_watchdog
+    watchdog = _the_watchdog
+    if watchdog is not None and watchdog.pid == _pid:
+        return watchdog
+    with _fork_lock:
+        if _the_watchdog is None or _the_watchdog.pid != _pid:
+            _the_watchdog = _Watchdog()
+            _the_watchdog.start()
+        return _the_watchdog
+
+
+_STARTS = 16384  # task start times kept by the process pool: far more than run at once
+_worker_shared: tuple[Any, Any] = (None, None)  # a worker's (stops, starts) arrays
+
+
+# -- 8. Shared stores ----------------------------------------------------------------
 
 
 # Stored futures shared by every process (EXECUTOR_FUTURES_STORE). A store keeps a row per
@@ -1583,29 +1971,6 @@ class _StoredFuture(Future):  # type: ignore[type-arg]
             delay = min(delay * 2, 0.05)
 
 
-def _hub_here() -> Any:
-    """gevent's hub of this thread, if it has one; never makes one (a hub holds file
-    descriptors that only its thread closes). gevent has no public way to ask this; its
-    _hub_local module does (test_gevent_hub_lookup fails if it moves)."""
-    if "gevent" not in sys.modules:
-        return None
-    from gevent._hub_local import get_hub_if_exists
-
-    return get_hub_if_exists()
-
-
-def _sleep(seconds: float) -> None:
-    """Sleep without blocking gevent's hub, in a thread that has one; else a plain sleep
-    (the original time.sleep, where gevent has monkey-patched it)."""
-    gevent = sys.modules.get("gevent")
-    if gevent is None:
-        return time.sleep(seconds)
-    if _hub_here() is not None:
-        return gevent.sleep(seconds)  # type: ignore[no-any-return]
-    monkey = sys.modules.get("gevent.monkey")  # not imported: nothing was patched
-    (time.sleep if monkey is None else monkey.get_original("time", "sleep"))(seconds)
-
-
 class _SharedFutures(FutureCollection):
     """The futures dict over a shared store: every process sees the same keys and outcomes.
 
@@ -1765,6 +2130,67 @@ def _shared_store(cls: type[FuturesStore], *args: Any) -> FuturesStore:
         store = _STORES[(cls, args)] = cls.__new__(cls)
         store._setup(*args)  # type: ignore[attr-defined]
     return store
+
+
+def _shared_futures(config: Config, used: dict[str, Any]) -> Callable[..., Any] | None:
+    """The hook _AppState calls: how to build a futures dict (given the app's logger) over
+    the shared store EXECUTOR_FUTURES_STORE names, or None to keep it in memory. It adds the
+    settings it reads to ``used``, for app.config."""
+    used["EXECUTOR_FUTURES_TTL"] = ttl = config.number("EXECUTOR_FUTURES_TTL")
+    used["EXECUTOR_FUTURES_NAMESPACE"] = _namespace(config)
+    store = _open_store(config)
+    if store is None:
+        return None
+    signer, length = _signer(config), used["EXECUTOR_FUTURES_MAX_LENGTH"]
+    return functools.partial(_SharedFutures, store, length, ttl, signer=signer)
+
+
+def _open_store(config: Config) -> FuturesStore | None:
+    """The shared store EXECUTOR_FUTURES_STORE names; None for this process's memory."""
+    value = config.get("EXECUTOR_FUTURES_STORE")
+    if isinstance(value, FuturesStore):
+        return value
+    url = "" if value is None else str(value).strip()
+    namespace = _namespace(config)
+    if url.lower() in ("", "memory", "none"):
+        return None
+    if url.startswith("sqlite:///") and url[10:] not in ("", ":memory:") and "?" not in url:
+        path = url[10:]  # sqlite:////abs.db: an absolute path; else under instance_path
+        if not os.path.isabs(path):
+            os.makedirs(config.app.instance_path, exist_ok=True)
+            path = os.path.join(config.app.instance_path, path)
+        return SQLiteStore(path, namespace)
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        try:
+            return RedisStore(url, namespace)
+        except ValueError as exc:  # redis-py's reading of the URL
+            raise ValueError(f"{config.prefix}EXECUTOR_FUTURES_STORE={value!r}: {exc}") from exc
+    raise ValueError(
+        f"{config.prefix}EXECUTOR_FUTURES_STORE={value!r} is not a futures store: use "
+        "'memory', 'sqlite:///relative/path.db', 'sqlite:////absolute/path.db', "
+        "'redis://host:port/db' or a FuturesStore object"
+    )
+
+
+def _namespace(config: Config) -> str:
+    """Where this executor's keys live in a shared store: EXECUTOR_FUTURES_NAMESPACE,
+    else the app's import name (two apps both called ``app`` share it: set the key)."""
+    default = f"{config.app.import_name}:{config.prefix}"
+    return str(config.get("EXECUTOR_FUTURES_NAMESPACE") or default)
+
+
+def _signer(config: Config) -> _Signer:
+    """How a shared store's outcomes are signed: with the app's SECRET_KEY."""
+    secrets = [config.app.secret_key, *(config.app.config.get("SECRET_KEY_FALLBACKS") or [])]
+    if not secrets[0]:
+        raise ValueError(
+            f"{config.prefix}EXECUTOR_FUTURES_STORE={config.get('EXECUTOR_FUTURES_STORE')!r} "
+            "needs the app's SECRET_KEY: outcomes in a shared store are signed with it, so "
+            "that whoever can write the store cannot run code in this app by planting a "
+            "pickle there. Set app.secret_key (SECRET_KEY), the same in every process that "
+            "shares the store"
+        )
+    return _Signer(secrets, _namespace(config))
 
 
 _STORES: dict[tuple[Any, ...], FuturesStore] = {}
@@ -2247,410 +2673,3 @@ end
 return keys""",
     ),
 ]
-
-
-# -- 5. The extension --------------------------------------------------------------
-
-# A pool belongs to one process: its threads, queues and worker processes do not survive a
-# fork (gunicorn --preload builds the app in its master, then forks the workers). Each app's
-# state records the process it built its pool in; a forked child builds its own on first use.
-_pid = os.getpid()  # this process, kept current by the fork hook below: a cheap check
-_fork_lock = threading.Lock()  # guards giving a state its own pool in a forked child
-
-
-def _after_fork_in_child() -> None:
-    global _pid, _fork_lock, _stop_lock, _connect_lock
-    _pid = os.getpid()
-    _fork_lock = threading.Lock()  # another thread may have held one of them at the fork
-    _stop_lock = threading.Lock()
-    _connect_lock = threading.Lock()
-    forkserver = sys.modules.get("multiprocessing.forkserver")
-    if forkserver is not None:  # the parent's fork server is not this process's child
-        server: Any = getattr(forkserver, "_forkserver")  # noqa: B009
-        preload = server._preload_modules
-        server.__init__()  # forgets it, in place (the module's functions are bound to it)
-        server._preload_modules = preload
-
-
-if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-class _AppState:
-    """One app's side of an Executor: its settings, pool and futures dict, in one process."""
-
-    def __init__(self, executor: Executor, app: Flask) -> None:
-        config = Config(app, executor.name)
-        self.app = app
-        self.executor = executor
-        self.backend = config.backend()
-        self.contexts = self.backend.contexts
-        max_workers = config.number("EXECUTOR_MAX_WORKERS", None)
-        max_length = config.number("EXECUTOR_FUTURES_MAX_LENGTH", 50)
-        self.propagate = config.flag("EXECUTOR_PROPAGATE_EXCEPTIONS", False)
-        self.push = config.flag("EXECUTOR_PUSH_APP_CONTEXT", True)
-        self.max_workers = max_workers
-        self.max_length = max_length
-        self.store = config.store()
-        self.signer = None if self.store is None else config.signer()
-        self.ttl = config.number("EXECUTOR_FUTURES_TTL", None)
-        self.limit = config.seconds("EXECUTOR_TIMEOUT")
-        self.config = config
-        self._shutdown = False
-        self.own_pool()  # built now, so a bad config fails at init_app, before app changes
-        used = [config.get("EXECUTOR_TYPE", "thread"), max_workers, max_length]
-        method = config.get("EXECUTOR_START_METHOD", "spawn")
-        store = config.get("EXECUTOR_FUTURES_STORE", "memory")
-        values = [*used, self.propagate, self.push, method, store, self.ttl, self.limit,
-                  config.namespace()]  # fmt: skip
-        for key, value in zip(_KEYS, values, strict=True):
-            app.config.setdefault(config.prefix + key, value)
-
-    def own_pool(self) -> None:
-        """Give this process its own pool, futures dict and lock (at init, and after a fork).
-
-        The parent's are left untouched: their threads and pipes belong to the parent.
-        """
-        self.pool = self.backend.create_pool(self.max_workers, self.config)
-        if self.store is None or self.signer is None:
-            self.futures = FutureCollection(self.max_length, self.app.logger)
-        else:
-            self.futures = _SharedFutures(
-                self.store, self.max_length, self.ttl, self.app.logger, self.signer
-            )
-        self._pool_lock = threading.Lock()  # guards replacing a broken pool
-        self.pid = _pid
-        if self._shutdown:  # shut down before the fork: stays shut down in the child
-            self.pool.shutdown(wait=False)
-
-    def start(self, fn: Task, args: tuple[Any, ...], kwargs: Any) -> Future[Any]:
-        """Submit one task to the pool, replacing the pool once if it is broken."""
-        if not callable(fn):
-            raise TypeError(f"submit() needs a callable, got {fn!r} ({type(fn).__name__})")
-        app_ctx = _cv_app.get(None)
-        g_attrs = app_ctx.g.__dict__.copy() if self.push and app_ctx is not None else None
-        task = _Task(self.app, g_attrs, self.push, fn, self.limit)
-        if self.contexts:
-            fn, args = _run_task, (task, *args)
-        pool = self.pool
-        try:
-            future = pool.submit(fn, *args, **kwargs)
-        except concurrent.futures.BrokenExecutor:
-            future = self._replace_broken(pool).submit(fn, *args, **kwargs)
-        if type(future) is Future:
-            future.__class__ = _ContextFuture
-        future._captured = task  # type: ignore[attr-defined]  # for its callbacks and stops
-        if self.limit is not None and self.contexts and isinstance(future, _ContextFuture):
-            # (the process pool watches its own; another pool's futures cannot be stopped)
-            started = functools.partial(getattr, task, "started")
-            _watchdog().add(_Limit(future, started, task.fn, self.limit))
-        return future
-
-    def attach_callbacks(self, future: Future[T], fn: Task) -> Future[T]:
-        callbacks: list[Callback] = list(self.executor._default_callbacks)
-        if self.propagate:
-            callbacks.insert(0, functools.partial(_log_failure, self.app, fn))
-        captured = future._captured  # type: ignore[attr-defined]
-        for callback in callbacks:
-            if not isinstance(future, _ContextFuture):  # another pool's future: wrap it here
-                callback = functools.partial(_run_callback, captured, callback)
-            future.add_done_callback(callback)
-        return future
-
-    def _replace_broken(self, broken: concurrent.futures.Executor) -> concurrent.futures.Executor:
-        with self._pool_lock:
-            if self._shutdown:
-                raise RuntimeError("cannot schedule new futures after shutdown")
-            if self.pool is broken:
-                self.app.logger.warning(
-                    "executor pool is broken (a worker died); starting a new one"
-                )
-                broken.shutdown(wait=False)
-                self.pool = self.backend.create_pool(self.max_workers, self.config)
-            return self.pool
-
-    def shutdown(self, wait: bool, cancel_futures: bool) -> None:
-        if self.pid != _pid:  # the pool and its lock are the parent's: leave them alone
-            self._shutdown = True
-            return
-        with self._pool_lock:
-            self._shutdown = True
-        if cancel_futures and "cancel_futures" in inspect.signature(self.pool.shutdown).parameters:
-            self.pool.shutdown(wait=wait, cancel_futures=True)
-        else:  # pools that predate cancel_futures (Dask's, loky's) run what they queued
-            self.pool.shutdown(wait=wait)
-
-
-def _warn_unknown_keys(app: Flask) -> None:
-    """Warn once per app about a ``*EXECUTOR_*`` config key no executor reads (a typo:
-    EXECUTOR_TIMOUT), naming the closest key that is read."""
-    warned = app.extensions.setdefault(f"{__name__}:unknown keys", set())
-    for key in map(str, app.config):
-        prefix, found, rest = key.rpartition("EXECUTOR_")
-        known = any(key.endswith(k) and re.fullmatch(r"(\w+_)?", key[: -len(k)]) for k in _KEYS)
-        if not found or known or key in warned:
-            continue
-        warned.add(key)
-        close = difflib.get_close_matches(f"EXECUTOR_{rest}", _KEYS, 1, 0.6)
-        hint = f"did you mean {prefix}{close[0]}?" if close else f"the keys are {', '.join(_KEYS)}"
-        app.logger.warning("config key %s is not one flask_executor reads: %s", key, hint)
-
-
-def _in_this_process(state: _AppState) -> _AppState:
-    """The state, with its own pool in this process: the first use after a fork."""
-    with _fork_lock:
-        if state.pid != _pid:
-            state.own_pool()
-    return state
-
-
-def _log_failure(app: Flask, fn: Task, future: Future[Any]) -> None:
-    if not future.cancelled() and (exc := future.exception()) is not None:
-        app.logger.error("background task %r raised %r", fn, exc, exc_info=exc)
-
-
-class Executor(concurrent.futures.Executor):
-    """The Flask extension: ``Executor(app)``, or ``Executor()`` then ``init_app(app)``.
-
-    ``name`` prefixes the config keys: ``Executor(name='custom')`` reads
-    ``CUSTOM_EXECUTOR_TYPE``. It is registered as ``app.extensions[name + 'executor']``.
-    """
-
-    def __init__(self, app: Flask | None = None, name: str = "") -> None:
-        if not isinstance(name, str) or not re.fullmatch(r"\w*", name):
-            raise ValueError(
-                f"Executor name {name!r} may only contain letters, digits and underscores"
-            )
-        self.name = name
-        for key in _KEYS:  # 1.0 exposed the prefixed key names: executor.EXECUTOR_TYPE
-            setattr(self, key, _prefix(name) + key)
-        self._key = name + "executor"  # 1.0's key; per-app state lives under _state_key
-        self._state_key = f"{__name__}:{self._key}"
-        self._apps: list[weakref.ref[Flask]] = []  # the apps it serves; dead ones drop out
-        self._default_callbacks: list[Callback] = []
-        self.app = app  # 1.0's attribute; it also keeps an app made in the call alive
-        if app is not None:
-            self.init_app(app)
-
-    def init_app(self, app: Flask) -> None:
-        """Read this executor's config from ``app`` and give ``app`` its own pool.
-
-        Again on the same app (or another executor of the same name), the new one replaces
-        the old, as in 1.0, with a warning; the old pool finishes its queued tasks and stops.
-        """
-        app = getattr(app, "_get_current_object", lambda: app)()  # current_app works too
-        state = _AppState(self, app)  # may raise: the app is left as it was
-        _warn_unknown_keys(app)
-        old: _AppState | None = app.extensions.get(self._state_key)
-        if old is not None:
-            app.logger.warning(
-                "app.extensions[%r] was already set on app %r: replacing it (its pool stops "
-                "once its queued tasks finish); create each Executor once, at start-up",
-                self._key,
-                app.name,
-            )
-            old.shutdown(wait=False, cancel_futures=False)
-        app.extensions[self._state_key] = state
-        app.extensions[self._key] = self
-        if not any(ref() is app for ref in self._apps):
-            self._apps.append(weakref.ref(app, self._apps.remove))
-
-    def _state(self) -> _AppState:
-        """This executor's state on ``current_app``, else on the only app it serves."""
-        app_ctx = _cv_app.get(None)
-        state: _AppState | None
-        if app_ctx is not None:
-            state = app_ctx.app.extensions.get(self._state_key)
-            if state is not None:
-                return state if state.pid == _pid else _in_this_process(state)
-            where = f"app {app_ctx.app.name!r} (the current app)"
-        elif len(self._apps) == 1 and (app := self._apps[0]()) is not None:
-            state = app.extensions[self._state_key]
-            return state if state.pid == _pid else _in_this_process(state)
-        else:
-            apps = len(self._apps)
-            where = "any app" if not apps else f"one of {apps} apps without an app context"
-        raise RuntimeError(
-            f"Executor {self.name!r} is not initialised on {where}: call "
-            "executor.init_app(app) first, or push an app context (with app.app_context():)"
-        )
-
-    def submit(self, fn: Callable[..., T] | None = None, /, *args: Any, **kwargs: Any) -> Future[T]:
-        """Run ``fn(*args, **kwargs)`` in the background; return its Future at once.
-
-        1.0's keyword form ``submit(fn=task, ...)`` works too.
-        """
-        if fn is None:
-            fn = kwargs.pop("fn", None)
-        state = self._state()
-        future = state.start(fn, args, kwargs)
-        if state.propagate or self._default_callbacks:
-            state.attach_callbacks(future, fn)
-        return future
-
-    def submit_stored(
-        self,
-        future_key: Any = _MISSING,
-        fn: Callable[..., T] | None = None,
-        /,
-        *args: Any,
-        **kwargs: Any,
-    ) -> Future[T]:
-        """Like submit, and keep the Future in ``executor.futures`` under ``future_key``.
-
-        1.0's keyword form ``submit_stored(future_key=key, fn=task, ...)`` works too.
-        """
-        if future_key is _MISSING:
-            if "future_key" not in kwargs:
-                raise TypeError("submit_stored() needs a future_key: submit_stored(key, fn, ...)")
-            future_key = kwargs.pop("future_key")
-        if fn is None:
-            fn = kwargs.pop("fn", None)
-        state = self._state()
-        future = state.futures._store(future_key, fn, lambda task: state.start(task, args, kwargs))
-        return state.attach_callbacks(future, fn)
-
-    def map(
-        self,
-        fn: Callable[..., T],
-        *iterables: Iterable[Any],
-        timeout: float | None = None,
-        chunksize: int = 1,
-    ) -> Iterator[T]:
-        """Like :meth:`concurrent.futures.Executor.map`; each call gets its own contexts."""
-        if chunksize < 1:
-            raise ValueError(f"chunksize must be >= 1, got {chunksize!r}")
-        if chunksize == 1:
-            return super().map(fn, *iterables, timeout=timeout)
-        chunks = _chunks(zip(*iterables, strict=False), chunksize)  # as map()
-        results = super().map(_run_chunk, itertools.repeat(fn), chunks, timeout=timeout)
-        return itertools.chain.from_iterable(results)
-
-    def job(self, fn: Callable[..., T]) -> ExecutorJob:
-        """Decorator: ``fn.submit(...)``, ``fn.submit_stored(key, ...)``, ``fn.map(...)``."""
-        return ExecutorJob(self, fn)
-
-    def add_default_done_callback(self, fn: Callback) -> None:
-        """Attach ``fn`` to every Future this executor creates from now on."""
-        self._default_callbacks.append(fn)
-
-    @property
-    def futures(self) -> FutureCollection:
-        """The futures dict of ``current_app`` (else of the only app). Read before
-        init_app (1.0 code keeps it at import time), it finds that dict when used."""
-        if not self._apps:
-            return _FuturesOf(self)  # type: ignore[return-value]
-        return self._state().futures
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Shut down the pool of every app this executor serves; later submits raise."""
-        for ref in list(self._apps):
-            app = ref()
-            state = None if app is None else app.extensions.get(self._state_key)
-            if state is not None and state.executor is self:  # not a replacement's pool
-                state.shutdown(wait, cancel_futures)
-
-    @property
-    def _self(self) -> concurrent.futures.Executor:
-        """1.0's name for the current app's pool."""
-        return self._state().pool
-
-
-class _FuturesOf:
-    """``executor.futures`` read before init_app: each use is the current app's dict's."""
-
-    __slots__ = ("_executor",)
-
-    def __init__(self, executor: Executor) -> None:
-        self._executor = executor
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._executor._state().futures, name)
-
-    def __len__(self) -> int:
-        return len(self._executor._state().futures)
-
-    def __contains__(self, future: object) -> bool:
-        return future in self._executor._state().futures
-
-    def __getitem__(self, future_key: Any) -> Future[Any]:
-        return self._executor._state().futures[future_key]
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter(self._executor._state().futures)
-
-
-def _forwarded(name: str) -> property:
-    return property(lambda executor: getattr(executor._self, name), doc=f"The pool's {name}.")
-
-
-# 1.0's Executor forwarded the attributes it lacked to its pool; real code reads these. As
-# properties, not __getattr__, which would slow every attribute read on the submit path.
-for _attribute in ["_max_workers", "_shutdown", "_broken", "_threads", "_work_queue",
-                   "_processes", "_mp_context", "_thread_name_prefix"]:  # fmt: skip
-    setattr(Executor, _attribute, _forwarded(_attribute))
-del _attribute
-
-
-def _chunks(items: Iterator[tuple[Any, ...]], size: int) -> Iterator[list[tuple[Any, ...]]]:
-    while chunk := list(itertools.islice(items, size)):
-        yield chunk
-
-
-def _run_chunk(fn: Task, chunk: list[tuple[Any, ...]]) -> list[Any]:
-    return [fn(*args) for args in chunk]
-
-
-class ExecutorJob:
-    """What ``@executor.job`` returns: call it to run now, or submit/map it in the background."""
-
-    def __init__(self, executor: Executor, fn: Task) -> None:
-        self.executor = executor
-        self.fn = fn
-        functools.update_wrapper(self, fn)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.fn(*args, **kwargs)
-
-    def __repr__(self) -> str:
-        return f"<ExecutorJob {_task_name(self.fn)}>"
-
-    def __reduce__(self) -> str | tuple[Any, ...]:
-        if "__qualname__" in vars(self):  # a function: pickled by name, a worker imports it
-            return str(vars(self)["__qualname__"])
-        return (functools.partial, (self.fn,))  # a partial or a callable object: by value
-
-    def submit(self, *args: Any, **kwargs: Any) -> Future[Any]:
-        return self.executor.submit(self, *args, **kwargs)
-
-    def submit_stored(self, future_key: Any, *args: Any, **kwargs: Any) -> Future[Any]:
-        return self.executor.submit_stored(future_key, self, *args, **kwargs)  # 1.0's signature
-
-    def map(self, *iterables: Iterable[Any], **kwargs: Any) -> Iterator[Any]:
-        return self.executor.map(self, *iterables, **kwargs)
-
-
-# -- 6. 1.0 import paths: flask_executor.executor and flask_executor.futures ----------
-
-
-def propagate_exceptions_callback(future: Future[Any]) -> None:
-    """1.0's done-callback that re-raises a task's exception (ours logs it instead)."""
-    exc = future.exception()
-    if exc is not None:
-        raise exc
-
-
-_one_zero: dict[str, dict[str, object]] = {
-    "executor": {
-        "Executor": Executor,
-        "ExecutorJob": ExecutorJob,
-        "propagate_exceptions_callback": propagate_exceptions_callback,
-    },
-    "futures": {"FutureCollection": FutureCollection, "Future": Future},
-}
-for _name, _names in _one_zero.items():
-    _module = types.ModuleType(f"{__name__}.{_name}")
-    vars(_module).update(_names)
-    sys.modules.setdefault(_module.__name__, _module)
-    globals()[_name] = sys.modules[_module.__name__]
-del _name, _names, _module, _one_zero
