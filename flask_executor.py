@@ -416,37 +416,7 @@ class _ContextFuture(Future):  # type: ignore[type-arg]
         if super().cancel():
             return True
         fn = self._captured.fn if self._captured is not None else None
-        return self._stop(functools.partial(_cancelled_error, fn))
-
-    def _stop(self, error: Callable[[], BaseException], kill: bool = True) -> bool:
-        """Make a running future done with ``error()`` (a CancelledError: cancelled) unless
-        its task's function has ended; ask the task to stop, then run the callbacks.
-
-        A stored task's stop is stored first (the gate): if its row already holds another
-        outcome (a process task that returned just then), that one stands, here too."""
-        task = self._captured
-        with self._condition:
-            if self._state != "RUNNING" or (task is not None and kill and not task.stop(error)):
-                return self.cancelled()
-            exc: BaseException | None = error()
-            if self._gate is not None and kill:
-                exc = self._gate(exc)  # type: ignore[arg-type]
-                if exc is None:
-                    return False
-            self._stopped_at = time.monotonic()
-            if isinstance(exc, concurrent.futures.CancelledError):
-                self._state = "CANCELLED_AND_NOTIFIED"
-                for waiter in self._waiters:
-                    waiter.add_cancelled(self)
-            else:
-                self._exception, self._state = exc, "FINISHED"
-                for waiter in self._waiters:
-                    waiter.add_exception(self)
-            self._condition.notify_all()
-        if kill:
-            self._kill()
-        self._invoke_callbacks()  # type: ignore[attr-defined]
-        return True
+        return _stop(self, functools.partial(_cancelled_error, fn))
 
     def _kill(self) -> None:
         """Ask the task to stop beyond stop_requested(): the process and gevent pools'."""
@@ -461,29 +431,19 @@ class _ContextFuture(Future):  # type: ignore[type-arg]
         except concurrent.futures.InvalidStateError:
             if self._stopped_at is None:
                 raise
-            self._late()
+            _late(self)
 
     def set_exception(self, exception: BaseException | None) -> None:
         if self._ask is not None:
             self._ask(self, True)
-        if isinstance(exception, _NotStarted) and self._stop(lambda: exception, kill=False):
+        if isinstance(exception, _NotStarted) and _stop(self, lambda: exception, kill=False):
             return  # cancelled through the shared store: cancelled here too
         try:
             super().set_exception(exception)
         except concurrent.futures.InvalidStateError:
             if self._stopped_at is None:
                 raise
-            self._late()
-
-    def _late(self) -> None:
-        """The pool's outcome of a task stopped earlier: dropped, and said once."""
-        task = _task_name(self._captured.fn) if self._captured else "the task"
-        late = time.monotonic() - (self._stopped_at or 0)
-        logging.getLogger(__name__).info(
-            "background task %s ended %.3f s after it was stopped: its outcome was dropped",
-            task,
-            late,
-        )
+            _late(self)
 
     def result(self, timeout: float | None = None) -> Any:
         return self._read(Future.result, timeout)
@@ -576,7 +536,7 @@ class _GeventExecutor(concurrent.futures.Executor):
         self._getcurrent = gevent.getcurrent
         self._pool = gevent.pool.Pool(max_workers)
         # Tasks that found every slot busy, oldest first: a full Pool.spawn would block.
-        self._waiting: collections.deque[tuple[Any, ...]] = collections.deque()
+        self._waiting: collections.deque[_Call] = collections.deque()
         self._shutdown = False
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
@@ -593,13 +553,13 @@ class _GeventExecutor(concurrent.futures.Executor):
         future = _GeventFuture()
         future._hub = self._get_hub()  # the hub whose loop will run the greenlet
         if self._pool.full():
-            self._waiting.append((future, fn, args, kwargs))
+            self._waiting.append(_Call(future, fn, args, kwargs))
         else:
-            self._spawn((future, fn, args, kwargs))
+            self._spawn(_Call(future, fn, args, kwargs))
         return future
 
-    def _spawn(self, task: tuple[Any, ...]) -> None:
-        greenlet = self._pool.spawn(_run_in_future, *task)
+    def _spawn(self, call: _Call) -> None:
+        greenlet = self._pool.spawn(_run_in_future, call)
         if self._pool.size is not None:
             greenlet.rawlink(self._start_next)  # runs after the pool has freed the slot
 
@@ -616,10 +576,10 @@ class _GeventExecutor(concurrent.futures.Executor):
         self._shutdown = True
         if cancel_futures:
             for greenlet in list(self._pool):  # spawned, not started: cancel() succeeds
-                if greenlet.args:  # gevent drops args once a greenlet has run
-                    Future.cancel(greenlet.args[0])  # pending only, not a running one
+                for call in greenlet.args:  # gevent drops args once a greenlet has run
+                    Future.cancel(call.future)  # pending only, not a running one
             while self._waiting:
-                Future.cancel(self._waiting.popleft()[0])
+                Future.cancel(self._waiting.popleft().future)
         while wait and (self._pool or self._waiting):
             self._pool.join()
 
@@ -642,7 +602,18 @@ def _os_thread() -> int:
 _MAIN_OS_THREAD = _os_thread() if threading.current_thread() is threading.main_thread() else None
 
 
-def _run_in_future(future: Any, fn: Task, args: tuple[Any, ...], kwargs: Any) -> None:
+class _Call(NamedTuple):
+    """A task the gevent pool runs: its future, and the call."""
+
+    future: Any
+    fn: Task
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+def _run_in_future(call: _Call) -> None:
+    future, fn, args, kwargs = call
+    del call  # only `future` may hold the future (it is cleared below: no cycle)
     if not future.set_running_or_notify_cancel():
         return
     future._greenlet = sys.modules["gevent"].getcurrent()  # where a stop is thrown in
@@ -769,33 +740,11 @@ class _ProcessPool(concurrent.futures.ProcessPoolExecutor):
         number = next(self._numbers)
         future = super().submit(_in_fresh_context, number, self._limit, fn, *args, **kwargs)
         future.__class__ = _ContextFuture
-        future._ask = functools.partial(self._ask_to_stop, number)  # type: ignore[attr-defined]
+        future._ask = functools.partial(_ask_to_stop, self, number)  # type: ignore[attr-defined]
         if self._limit is not None:
-            started = functools.partial(self._started, number)
+            started = functools.partial(_started, self, number)
             _watchdog().add(_Limit(future, started, fn, self._limit))
         return future
-
-    def _started(self, number: int) -> float | None:
-        """When task ``number`` started in a worker, or None if it has not (yet). Its slot
-        may hold a later task's start by now: the queue is first in, first out, so it
-        started no later than that (its limit may then end a little late, never early)."""
-        starts: Any = self._starts
-        slot = 2 * (number % _STARTS)
-        there, when = starts[slot], starts[slot + 1]
-        return when if there >= number and (there - number) % _STARTS == 0 else None
-
-    def _ask_to_stop(self, number: int, future: Any, ended: bool = False) -> None:
-        """Ask task ``number`` to stop; ``ended``: its outcome came back, free its slot."""
-        with self._stops_lock:
-            if ended or future._ended:
-                future._ended = True
-                for at, asked in enumerate(self._stops):
-                    if asked == number:
-                        self._stops[at] = 0
-                return
-            free = next((at for at, asked in enumerate(self._stops) if asked == 0), None)
-            if free is not None:  # else: more stopped tasks than can be queued or run
-                self._stops[free] = number
 
 
 def _init_worker(stops: Any, starts: Any) -> None:
@@ -803,7 +752,7 @@ def _init_worker(stops: Any, starts: Any) -> None:
     owning the pool dies (a gunicorn worker killed on --timeout), instead of waiting on its
     queue forever."""
     global _worker_shared
-    _worker_shared = (stops, starts)
+    _worker_shared = _Shared(stops, starts)
     owner = multiprocessing.parent_process()
     if owner is not None:
         threading.Thread(target=_exit_when_gone, args=(owner,), daemon=True).start()
@@ -1458,7 +1407,7 @@ class _WorkerTask:
         self.deadline = None if limit is None else time.monotonic() + limit
         self.stopped: Callable[[], BaseException] | None = None
         self.inside = False
-        starts = _worker_shared[1]
+        starts = _worker_shared.starts
         if starts is not None:  # the start first, then the number: a reader checks it
             slot = 2 * (number % _STARTS)
             starts[slot + 1], starts[slot] = time.monotonic(), number
@@ -1466,7 +1415,7 @@ class _WorkerTask:
     def stop_requested(self) -> bool:
         if self.deadline is not None and time.monotonic() >= self.deadline:
             return True
-        stops = _worker_shared[0]
+        stops = _worker_shared.stops
         return stops is not None and self.number in stops[:]
 
     def finish(self) -> BaseException | None:
@@ -1511,8 +1460,16 @@ class _Limit:
             return started + self.limit
         # In a thread of its own: the stop runs done-callbacks, and may write a shared store,
         # neither of which may hold up the other tasks' limits.
-        threading.Thread(target=future._stop, args=(self.error,), daemon=True).start()  # type: ignore[attr-defined]
+        threading.Thread(target=_stop, args=(future, self.error), daemon=True).start()
         return None
+
+
+class _Due(NamedTuple):
+    """A time limit in the watchdog's heap: when to look at it; ties by order added."""
+
+    when: float
+    order: int
+    limit: _Limit
 
 
 class _Watchdog(threading.Thread):
@@ -1521,28 +1478,28 @@ class _Watchdog(threading.Thread):
     def __init__(self) -> None:
         super().__init__(name=f"{__name__} time limits", daemon=True)
         self.pid = _pid
-        self.due: list[tuple[float, int, _Limit]] = []  # a heap: the earliest first
+        self.due: list[_Due] = []  # a heap: the earliest first
         self.count = itertools.count()
         self.changed = threading.Condition()  # guards due
 
     def add(self, limit: _Limit, when: float | None = None) -> None:
         when = time.monotonic() + limit.limit if when is None else when
         with self.changed:
-            heapq.heappush(self.due, (when, next(self.count), limit))
+            heapq.heappush(self.due, _Due(when, next(self.count), limit))
             if len(self.due) > 1024 and len(self.due) & 1023 == 0:  # done long before
-                self.due = [entry for entry in self.due if not entry[2].done()]
+                self.due = [due for due in self.due if not due.limit.done()]
                 heapq.heapify(self.due)
-            if self.due[0][2] is limit:
+            if self.due[0].limit is limit:
                 self.changed.notify()
 
     def run(self) -> None:
         while True:
             with self.changed:
-                wait = self.due[0][0] - time.monotonic() if self.due else None
+                wait = self.due[0].when - time.monotonic() if self.due else None
                 if wait is None or wait > 0:  # a day at most: within threading.TIMEOUT_MAX
                     self.changed.wait(None if wait is None else min(wait, 86400))
                     continue
-                limit = heapq.heappop(self.due)[2]
+                limit = heapq.heappop(self.due).limit
             try:
                 again = limit.check()
             except Exception:  # a failing check must not end the watchdog
@@ -1569,7 +1526,82 @@ def _watchdog() -> _Watchdog:
 
 
 _STARTS = 16384  # task start times kept by the process pool: far more than run at once
-_worker_shared: tuple[Any, Any] = (None, None)  # a worker's (stops, starts) arrays
+
+
+class _Shared(NamedTuple):
+    """A process worker's view of its pool's shared arrays (see _ProcessPool)."""
+
+    stops: Any
+    starts: Any
+
+
+_worker_shared = _Shared(None, None)
+
+
+def _stop(future: _ContextFuture, error: Callable[[], BaseException], kill: bool = True) -> bool:
+    """Make a running future done with ``error()`` (a CancelledError: cancelled) unless
+    its task's function has ended; ask the task to stop, then run the callbacks.
+
+    A stored task's stop is stored first (the gate): if its row already holds another
+    outcome (a process task that returned just then), that one stands, here too."""
+    task = future._captured
+    with future._condition:
+        if future._state != "RUNNING" or (task is not None and kill and not task.stop(error)):
+            return future.cancelled()
+        exc: BaseException | None = error()
+        if future._gate is not None and kill:
+            exc = future._gate(exc)  # type: ignore[arg-type]
+            if exc is None:
+                return False
+        future._stopped_at = time.monotonic()
+        if isinstance(exc, concurrent.futures.CancelledError):
+            future._state = "CANCELLED_AND_NOTIFIED"
+            for waiter in future._waiters:
+                waiter.add_cancelled(future)
+        else:
+            future._exception, future._state = exc, "FINISHED"
+            for waiter in future._waiters:
+                waiter.add_exception(future)
+        future._condition.notify_all()
+    if kill:
+        future._kill()
+    future._invoke_callbacks()  # type: ignore[attr-defined]
+    return True
+
+
+def _late(future: _ContextFuture) -> None:
+    """The pool's outcome of a task stopped earlier: dropped, and said once."""
+    task = _task_name(future._captured.fn) if future._captured else "the task"
+    late = time.monotonic() - (future._stopped_at or 0)
+    logging.getLogger(__name__).info(
+        "background task %s ended %.3f s after it was stopped: its outcome was dropped",
+        task,
+        late,
+    )
+
+
+def _started(pool: _ProcessPool, number: int) -> float | None:
+    """When task ``number`` started in a worker, or None if it has not (yet). Its slot
+    may hold a later task's start by now: the queue is first in, first out, so it
+    started no later than that (its limit may then end a little late, never early)."""
+    starts: Any = pool._starts
+    slot = 2 * (number % _STARTS)
+    there, when = starts[slot], starts[slot + 1]
+    return when if there >= number and (there - number) % _STARTS == 0 else None
+
+
+def _ask_to_stop(pool: _ProcessPool, number: int, future: Any, ended: bool = False) -> None:
+    """Ask task ``number`` to stop; ``ended``: its outcome came back, free its slot."""
+    with pool._stops_lock:
+        if ended or future._ended:
+            future._ended = True
+            for at, asked in enumerate(pool._stops):
+                if asked == number:
+                    pool._stops[at] = 0
+            return
+        free = next((at for at, asked in enumerate(pool._stops) if asked == 0), None)
+        if free is not None:  # else: more stopped tasks than can be queued or run
+            pool._stops[free] = number
 
 
 # -- 8. Shared stores ----------------------------------------------------------------
@@ -2108,11 +2140,11 @@ class _SharedFutures(FutureCollection):
 
     def __contains__(self, future: object) -> bool:
         if isinstance(future, _StoredFuture):
-            stored: Any = (_read_key(future._key), future._token)
+            key, token = _read_key(future._key), future._token
         else:
-            stored = getattr(future, "_stored", None)
-        row = None if stored is None else self.store.read(key=stored[0])
-        return row is not None and row.token == stored[1]
+            key, token = getattr(future, "_stored", ("", ""))
+        row = self.store.read(key=key) if key else None
+        return row is not None and row.token == token
 
     def values(self) -> list[Future[Any]]:
         return [future for _, future in self.items()]
@@ -2228,6 +2260,13 @@ def _db_id(path: str) -> str:
     return ""
 
 
+class _Connection(NamedTuple):
+    """A pooled SQLite connection, and which file it opened (see _file_id)."""
+
+    file: tuple[int, ...] | None
+    db: sqlite3.Connection
+
+
 class SQLiteStore(FuturesStore):
     """Rows in a SQLite file (WAL), shared by the processes of one machine that share a pid
     namespace (containers with their own pids cannot tell whether each other's are alive).
@@ -2258,7 +2297,7 @@ class SQLiteStore(FuturesStore):
     def _setup(self, path: str, namespace: str) -> None:
         self.path, self.namespace = os.path.abspath(path), namespace
         self._pid = -1
-        self._idle: list[tuple[Any, sqlite3.Connection]] = []  # (file id, connection)
+        self._idle: list[_Connection] = []
         self._idle_lock = threading.Lock()  # guards _idle
         self._inherited: list[Any] = []  # a parent's: kept, never used or closed
 
@@ -2288,17 +2327,17 @@ class SQLiteStore(FuturesStore):
                     self._idle, self._idle_lock, self._pid = [], threading.Lock(), _pid
         with self._idle_lock:
             entry = self._idle.pop() if self._idle else None
-        if entry is None or entry[0] != _file_id(self.path):  # else replaced or deleted
+        if entry is None or entry.file != _file_id(self.path):  # else replaced or deleted
             entry = self._connect()
         try:
-            yield entry[1]
+            yield entry.db
         finally:
-            if entry[1].in_transaction:
-                entry[1].rollback()
+            if entry.db.in_transaction:
+                entry.db.rollback()
             with self._idle_lock:
                 self._idle.append(entry)
 
-    def _connect(self) -> tuple[Any, sqlite3.Connection]:
+    def _connect(self) -> _Connection:
         """A new connection, and the file it opened. A WAL left behind by a deleted or
         replaced file would be read as the new file's: so, under an exclusive lock on the
         "-lock" file, the "-wal" and "-shm" are removed first unless the "-gen" marker says
@@ -2319,7 +2358,7 @@ class SQLiteStore(FuturesStore):
                 with open(self.path + "-gen.tmp", "w") as gen:
                     gen.write(_db_id(self.path))
                 os.replace(self.path + "-gen.tmp", self.path + "-gen")
-            return _file_id(self.path), db
+            return _Connection(_file_id(self.path), db)
 
     def _open(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=0.01, isolation_level=None, check_same_thread=False)
