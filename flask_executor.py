@@ -3,6 +3,7 @@
 ``executor.submit(fn, *args)`` returns a :class:`concurrent.futures.Future` at once and
 runs ``fn`` with a copy of the Flask contexts it was submitted from. A rewrite of
 Flask-Executor 1.0 (MIT): code written for 1.0 keeps working. This file can be vendored.
+Sections 1-6 are the core; 7 (time limits) and 8 (shared stores) are optional tails.
 
 Config keys, read from ``app.config``, else the environment (``Executor(name='mail')`` reads
 ``MAIL_EXECUTOR_TYPE`` and so on):
@@ -64,44 +65,32 @@ from flask.globals import _cv_app
 from flask.signals import appcontext_popped, appcontext_pushed
 
 __version__ = "2.0.0"
-__all__ = [
-    "BACKENDS",
-    "Backend",
-    "Config",
-    "Executor",
-    "ExecutorJob",
-    "FutureCollection",
-    "FuturesStore",
-    "GeventBackend",
-    "ProcessBackend",
-    "RedisStore",
-    "Row",
-    "SQLiteStore",
-    "TaskTimeout",
-    "ThreadBackend",
-    "register_backend",
-    "stop_requested",
-]
+# fmt: off
+__all__ = ["BACKENDS", "Backend", "Config", "Executor", "ExecutorJob", "FutureCollection",
+           "FuturesStore", "GeventBackend", "ProcessBackend", "RedisStore", "Row", "SQLiteStore",
+           "TaskTimeout", "ThreadBackend", "register_backend", "stop_requested"]
+# fmt: on
 
 T = TypeVar("T")
 _MISSING: Any = object()  # no future_key was given positionally
 Task = Callable[..., Any]
 Callback = Callable[[Future[Any]], object]
 
-
 # A pool belongs to one process: its threads, queues and worker processes do not survive a
 # fork (gunicorn --preload builds the app in its master, then forks the workers). Each app's
 # state records the process it built its pool in; a forked child builds its own on first use.
 _pid = os.getpid()  # this process, kept current by the fork hook below: a cheap check
-_fork_lock = threading.Lock()  # guards giving a state its own pool in a forked child
+# Guards what a process builds for itself on first use after a fork: an app's pool
+# (_in_this_process), the watchdog thread (section 7), a SQLite store's connections (8).
+_fork_lock = threading.Lock()
 
 
 def _after_fork_in_child() -> None:
+    """A forked child's fresh start: its pid, and new locks (another thread of the parent
+    may have held one at the fork, and nothing in the child would ever release it)."""
     global _pid, _fork_lock, _stop_lock, _connect_lock
     _pid = os.getpid()
-    _fork_lock = threading.Lock()  # another thread may have held one of them at the fork
-    _stop_lock = threading.Lock()
-    _connect_lock = threading.Lock()
+    _fork_lock, _stop_lock, _connect_lock = threading.Lock(), threading.Lock(), threading.Lock()
     forkserver = sys.modules.get("multiprocessing.forkserver")
     if forkserver is not None:  # the parent's fork server is not this process's child
         server: Any = getattr(forkserver, "_forkserver")  # noqa: B009
@@ -116,23 +105,21 @@ if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
 
 # -- 1. Configuration ----------------------------------------------------------------
 
-
-# Every key an executor reads, and its default (one place: app.config shows what is used).
+# Every key an executor reads (see the module's docstring), and its default.
 _DEFAULTS: dict[str, Any] = {
     "EXECUTOR_TYPE": "thread",
-    "EXECUTOR_MAX_WORKERS": None,  # the pool chooses
+    "EXECUTOR_MAX_WORKERS": None,
     "EXECUTOR_FUTURES_MAX_LENGTH": 50,
     "EXECUTOR_PROPAGATE_EXCEPTIONS": False,
     "EXECUTOR_PUSH_APP_CONTEXT": True,
     "EXECUTOR_START_METHOD": "spawn",
     "EXECUTOR_FUTURES_STORE": "memory",
     "EXECUTOR_FUTURES_TTL": None,
-    "EXECUTOR_TIMEOUT": None,
     "EXECUTOR_FUTURES_NAMESPACE": None,  # the app's import name (section 8)
+    "EXECUTOR_TIMEOUT": None,
 }
 _KEYS = list(_DEFAULTS)
-_TRUE = {"1", "true", "t", "yes", "y", "on"}
-_FALSE = {"0", "false", "f", "no", "n", "off"}
+_TRUE, _FALSE = {"1", "true", "t", "yes", "y", "on"}, {"0", "false", "f", "no", "n", "off"}
 
 
 def _prefix(name: str) -> str:
@@ -154,39 +141,26 @@ class Config:
             return self.app.config[full]
         return os.environ.get(full, _DEFAULTS.get(key, default))
 
-    def number(self, key: str) -> int | None:
-        """A whole number >= 1, or None; strings such as ``'5'`` are accepted."""
+    def number(self, key: str, most: float | None = None) -> Any:
+        """A whole number >= 1, or with ``most`` a number of seconds in (0, most]; or None.
+        Strings such as ``'5'`` and ``'2.5'`` are accepted, bools are not."""
         value = self.get(key)
         if value is None or str(value).strip().lower() in ("", "none"):
             return None
         try:
-            number = int(str(value).strip())  # rejects floats and bools, whose str() is no int
+            number = 0 if isinstance(value, bool) else (float if most else int)(str(value).strip())
         except ValueError:
             number = 0
-        if number < 1:
-            raise ValueError(
-                f"{self.prefix}{key} must be a whole number >= 1 or None, got {value!r}"
-            )
-        return number
+        if 0 < number <= (most or number) and (most or number >= 1):
+            return number
+        what = (
+            f"a number of seconds > 0 (at most {most:g}, a day)" if most else "a whole number >= 1"
+        )
+        raise ValueError(f"{self.prefix}{key} must be {what} or None, got {value!r}")
 
     def seconds(self, key: str) -> float | None:
-        """A number of seconds > 0 and at most a day, or None; ``'2.5'`` is accepted.
-
-        A day is the cap: longer limits are a mistake, and far beyond it no timer can
-        wait (threading.TIMEOUT_MAX, time stamps out of range)."""
-        value = self.get(key)
-        if value is None or str(value).strip().lower() in ("", "none"):
-            return None
-        try:
-            number = 0.0 if isinstance(value, bool) else float(str(value).strip())
-        except ValueError:
-            number = 0.0
-        if not 0 < number <= 86400:
-            raise ValueError(
-                f"{self.prefix}{key} must be a number of seconds > 0 (at most 86400, a day) "
-                f"or None, got {value!r}"
-            )
-        return number
+        """Seconds > 0 and at most a day (longer is a mistake, and beyond it no timer waits)."""
+        return self.number(key, 86400.0)  # type: ignore[no-any-return]
 
     def flag(self, key: str) -> bool:
         """A bool; strings such as ``'true'``, ``'0'``, ``'off'`` are accepted."""
@@ -199,18 +173,17 @@ class Config:
         )
 
 
-# -- 2. Contexts: what a task captures, and how it runs ------------------------------
-
+# -- 2. Contexts: what a task captures at submit, and how it runs ---------------------
 
 _current: contextvars.ContextVar[Any] = contextvars.ContextVar(f"{__name__}.task")
 
 
 class _Task:
-    """What a task keeps of its submitter, captured at submit, and its stop state.
+    """What a task keeps of its submitter (captured at submit), and its stop state.
 
     ``stopped`` is how its future was stopped (a factory of the TaskTimeout or
-    CancelledError it got), ``over`` that its function has returned or raised: whichever is
-    set first wins, under _stop_lock, so a task that returned is never reported stopped.
+    CancelledError it got), ``over`` that its function has ended: whichever is set first
+    wins, under _stop_lock (section 7), so a task that returned is never reported stopped.
     """
 
     __slots__ = ("app", "context", "fn", "g_attrs", "inside", "limit", "over", "pid", "push",
@@ -229,7 +202,7 @@ class _Task:
         self.started: float | None = None
         self.stopped: Callable[[], BaseException] | None = None
         self.over = False
-        self.inside = False
+        self.inside = False  # in its own function (only there may gevent throw a stop in)
 
     def stop_requested(self) -> bool:
         if self.stopped is not None:
@@ -329,21 +302,18 @@ def _call(task: _Task | _WorkerTask, fn: Task, args: Any, kwargs: Any) -> Any:
             result = _run_coroutine(result, fn)
     except BaseException:
         task.inside = False
-        error = task.finish()
-        if error is None:
+        if (error := task.finish()) is None:
             raise
         raise error from None
     task.inside = False
-    error = task.finish()
-    if error is None:
+    if (error := task.finish()) is None:
         return result
     raise error
 
 
 def _run_coroutine(coroutine: Any, fn: Task) -> Any:
-    """Run an ``async def`` task's coroutine to its end, in an event loop of its own (in the
-    task's contexts: asyncio copies them). Not on gevent: greenlets of one thread would
-    share asyncio's one running loop per thread."""
+    """Run an ``async def`` task in an event loop of its own (asyncio copies the contexts).
+    Not in a greenlet: greenlets of one thread would share asyncio's one loop per thread."""
     gevent = sys.modules.get("gevent")
     if gevent is not None and gevent.getcurrent().parent is not None:
         coroutine.close()
@@ -358,9 +328,11 @@ def _run_coroutine(coroutine: Any, fn: Task) -> Any:
 # Pushing a task's context. Flask's own push() and pop() would, on Flask 3.2, route the
 # request again, run its teardown_request functions and close its uploaded files: those
 # belong to the view. So the task's context is entered as push() does it, which needs the
-# private bookkeeping of the installed Flask, detected here (a test fails if Flask moves it):
-# up to 3.1 AppContext keeps a list of tokens and the request rides in its own context
-# variable; from 3.2 (AppContext.has_request) the app context holds the request itself.
+# private bookkeeping of the installed Flask, detected here: up to 3.1 AppContext keeps a
+# list of tokens (_cv_tokens) and the request rides in its own context variable; from 3.2
+# (AppContext.has_request) the app context holds the request, one token (_cv_token) and a
+# push count. If Flask moves them, test_flask_private_names_we_rely_on_are_where_we_expect
+# fails.
 _MERGED_CONTEXTS = hasattr(AppContext, "has_request")
 
 
@@ -394,9 +366,12 @@ def _teardown(ctx: Any, error: BaseException | None) -> None:
 
 
 class _ContextFuture(Future):  # type: ignore[type-arg]
-    """A Future whose done-callbacks run inside its task's Flask contexts, whose exception,
-    if nobody ever reads it, is logged when the future is dropped (as asyncio), and which
-    cancel() or a time limit makes done at once, even while its task runs on."""
+    """A Future whose done-callbacks run in its task's Flask contexts, whose exception, if
+    nobody ever reads it, is logged when the future is dropped (as asyncio does), and which
+    cancel() or a time limit makes done at once, even while its task runs on (section 7).
+
+    It reads and writes Future's private state (_condition, _state): CPython's own
+    subclasses do; concurrent.futures has kept these names since Python 3.2."""
 
     _captured: _Task | None = None
     _retrieved = False  # result() or exception() has returned the outcome to someone
@@ -424,22 +399,19 @@ class _ContextFuture(Future):  # type: ignore[type-arg]
             self._ask(self)
 
     def set_result(self, result: Any) -> None:
-        if self._ask is not None:  # its worker is done with it: free its stop request
-            self._ask(self, True)
-        try:
-            super().set_result(result)
-        except concurrent.futures.InvalidStateError:
-            if self._stopped_at is None:
-                raise
-            _late(self)
+        self._settle(Future.set_result, result)
 
     def set_exception(self, exception: BaseException | None) -> None:
-        if self._ask is not None:
+        self._settle(Future.set_exception, exception)
+
+    def _settle(self, settle: Callable[[Future[Any], Any], None], outcome: Any) -> None:
+        """The pool's outcome; if the future was stopped first, it is dropped (and said)."""
+        if self._ask is not None:  # its worker is done with it: free its stop request
             self._ask(self, True)
-        if isinstance(exception, _NotStarted) and _stop(self, lambda: exception, kill=False):
+        if type(outcome) is _NotStarted and _stop(self, lambda: outcome, kill=False):
             return  # cancelled through the shared store: cancelled here too
         try:
-            super().set_exception(exception)
+            settle(self, outcome)
         except concurrent.futures.InvalidStateError:
             if self._stopped_at is None:
                 raise
@@ -458,17 +430,16 @@ class _ContextFuture(Future):  # type: ignore[type-arg]
         except concurrent.futures.TimeoutError:
             if self._state == "FINISHED":  # the task's own TimeoutError (a TaskTimeout)
                 raise
-            raise concurrent.futures.TimeoutError(self._late_message(timeout)) from None
+            task = _task_name(self._captured.fn) if self._captured else "the task"
+            raise concurrent.futures.TimeoutError(
+                f"background task {task} did not finish within {timeout} s (it goes on running)"
+            ) from None
         finally:
             self._retrieved = self._retrieved or self._state == "FINISHED"
 
     def _wait(self, timeout: float | None) -> float | None:
         """What is left of ``timeout`` for the blocking wait (the gevent future waits first)."""
         return timeout
-
-    def _late_message(self, timeout: float | None) -> str:
-        task = _task_name(self._captured.fn) if self._captured else "the task"
-        return f"background task {task} did not finish within {timeout} s (it goes on running)"
 
     def __del__(self) -> None:
         task = self._captured
@@ -527,13 +498,14 @@ class GeventBackend(Backend):
 
 
 class _GeventExecutor(concurrent.futures.Executor):
-    """A ``gevent.pool.Pool`` behind the Executor interface; ``submit`` never blocks."""
+    """A ``gevent.pool.Pool`` behind the Executor interface; ``submit`` never blocks.
+
+    No locks: it is used from the greenlets of one hub, which switch only where they wait."""
 
     def __init__(self, max_workers: int | None) -> None:
         import gevent.pool
 
-        self._get_hub = gevent.get_hub
-        self._getcurrent = gevent.getcurrent
+        self._get_hub, self._getcurrent = gevent.get_hub, gevent.getcurrent
         self._pool = gevent.pool.Pool(max_workers)
         # Tasks that found every slot busy, oldest first: a full Pool.spawn would block.
         self._waiting: collections.deque[_Call] = collections.deque()
@@ -552,10 +524,11 @@ class _GeventExecutor(concurrent.futures.Executor):
             )
         future = _GeventFuture()
         future._hub = self._get_hub()  # the hub whose loop will run the greenlet
+        call = _Call(future, fn, args, kwargs)
         if self._pool.full():
-            self._waiting.append(_Call(future, fn, args, kwargs))
+            self._waiting.append(call)
         else:
-            self._spawn(_Call(future, fn, args, kwargs))
+            self._spawn(call)
         return future
 
     def _spawn(self, call: _Call) -> None:
@@ -574,32 +547,13 @@ class _GeventExecutor(concurrent.futures.Executor):
                 "executor's own tasks, which would wait for itself; use shutdown(wait=False)"
             )
         self._shutdown = True
-        if cancel_futures:
-            for greenlet in list(self._pool):  # spawned, not started: cancel() succeeds
-                for call in greenlet.args:  # gevent drops args once a greenlet has run
-                    Future.cancel(call.future)  # pending only, not a running one
-            while self._waiting:
-                Future.cancel(self._waiting.popleft().future)
+        if cancel_futures:  # spawned, not started (gevent drops args once a greenlet ran)
+            calls = [*(call for greenlet in self._pool for call in greenlet.args), *self._waiting]
+            self._waiting.clear()
+            for call in calls:
+                Future.cancel(call.future)  # pending only, not a running one
         while wait and (self._pool or self._waiting):
             self._pool.join()
-
-
-def _runs_a_hub() -> bool:
-    """Whether this thread, outside any greenlet, lets gevent's hub run: the main thread
-    does (a script's main thread runs it while it waits on a result); a plain thread of a
-    threaded server, or a native thread of a monkey-patched process, never does."""
-    return _MAIN_OS_THREAD is None or _os_thread() == _MAIN_OS_THREAD
-
-
-def _os_thread() -> int:
-    """This OS thread's id (threading's is a greenlet's under gevent's monkey-patching)."""
-    monkey = sys.modules.get("gevent.monkey")
-    get_ident = _thread.get_ident if monkey is None else monkey.get_original("_thread", "get_ident")
-    return get_ident()
-
-
-# The main thread's OS id, if this module is imported there (else every thread may submit).
-_MAIN_OS_THREAD = _os_thread() if threading.current_thread() is threading.main_thread() else None
 
 
 class _Call(NamedTuple):
@@ -626,27 +580,34 @@ def _run_in_future(call: _Call) -> None:
         future.set_result(result)
 
 
+def _runs_a_hub() -> bool:
+    """Whether this thread, outside any greenlet, lets gevent's hub run: the main thread
+    does (a script's main thread runs it while it waits on a result); a plain thread of a
+    threaded server, or a native thread of a monkey-patched process, never does."""
+    return _MAIN_OS_THREAD is None or _os_thread() == _MAIN_OS_THREAD
+
+
+def _os_thread() -> int:
+    """This OS thread's id (threading's is a greenlet's under gevent's monkey-patching)."""
+    monkey = sys.modules.get("gevent.monkey")
+    get_ident = _thread.get_ident if monkey is None else monkey.get_original("_thread", "get_ident")
+    return get_ident()
+
+
+# The main thread's OS id, if this module is imported there (else every thread may submit).
+_MAIN_OS_THREAD = _os_thread() if threading.current_thread() is threading.main_thread() else None
+
+
 def _hub_here() -> Any:
     """gevent's hub of this thread, if it has one; never makes one (a hub holds file
     descriptors that only its thread closes). gevent has no public way to ask this; its
-    _hub_local module does (test_gevent_hub_lookup fails if it moves)."""
+    _hub_local module does: if it moves, test_gevent_private_names_we_rely_on_are_where_we_expect
+    fails."""
     if "gevent" not in sys.modules:
         return None
     from gevent._hub_local import get_hub_if_exists
 
     return get_hub_if_exists()
-
-
-def _sleep(seconds: float) -> None:
-    """Sleep without blocking gevent's hub, in a thread that has one; else a plain sleep
-    (the original time.sleep, where gevent has monkey-patched it)."""
-    gevent = sys.modules.get("gevent")
-    if gevent is None:
-        return time.sleep(seconds)
-    if _hub_here() is not None:
-        return gevent.sleep(seconds)  # type: ignore[no-any-return]
-    monkey = sys.modules.get("gevent.monkey")  # not imported: nothing was patched
-    (time.sleep if monkey is None else monkey.get_original("time", "sleep"))(seconds)
 
 
 class _GeventFuture(_ContextFuture):
@@ -667,8 +628,6 @@ class _GeventFuture(_ContextFuture):
             self._greenlet.throw(_Stop)
 
     def _wait(self, timeout: float | None) -> float | None:
-        import gevent
-
         if self.done() or _hub_here() is not self._hub:
             return timeout  # another thread's waits block only that thread
         if self._event is None:
@@ -703,14 +662,7 @@ class ProcessBackend(Backend):
 
 class _ProcessPool(concurrent.futures.ProcessPoolExecutor):
     """A process pool that refuses, with the reason, what cannot reach a worker process,
-    and that can ask a running task to stop (see "Time limits and stopping a task").
-
-    Two arrays in shared memory, written without locks (each slot has one writer at a time):
-    ``_starts`` holds, for task number n, (n, when it started) at slot n % _STARTS (written
-    by the worker that runs it); ``_stops`` holds the numbers of the tasks asked to stop
-    (written by this process under _stops_lock, freed when the task's late outcome comes
-    back). A task this process marks running is in a worker or in the call queue: at most
-    twice the workers, and one more."""
+    and that can ask a running task to stop (its shared arrays: see _started, section 7)."""
 
     def __init__(self, max_workers: int | None, mp_context: Any, limit: float | None) -> None:
         slots = 2 * (max_workers or os.cpu_count() or 1) + 2  # running or in the call queue
@@ -725,7 +677,9 @@ class _ProcessPool(concurrent.futures.ProcessPoolExecutor):
         self._numbers = itertools.count(1)  # task numbers; 0 marks a free slot
         self._stops_lock = threading.Lock()  # guards _stops, and each future's _ended
         # The pool pickles calls in its queue's feeder thread and fails the future with the
-        # bare pickling error; name the object that failed instead (CPython 3.9+ hook).
+        # bare pickling error; name the object that failed instead. _on_queue_feeder_error
+        # is the hook CPython's process.py has for that (3.9+): if it moves,
+        # test_unpicklable_argument_names_the_object fails.
         queue: Any = self._call_queue  # type: ignore[attr-defined]
         queue._on_queue_feeder_error = functools.partial(
             _name_unpicklable, queue._on_queue_feeder_error
@@ -769,7 +723,7 @@ def _in_fresh_context(
     """Run a process task in empty context variables (a worker started by fork holds a copy
     of whatever request was active in the thread that forked it: not the task's), where
     stop_requested() answers for it, and make sure what it returns or raises can reach the
-    web process."""
+    web process (else it would fail in the pool's thread, and break the pool)."""
     from multiprocessing.reduction import ForkingPickler
 
     task = _WorkerTask(number, limit, fn)
@@ -778,7 +732,7 @@ def _in_fresh_context(
     except BaseException as exc:
         try:
             pickle.loads(ForkingPickler.dumps(exc))
-        except Exception as why:  # it would fail in the pool's thread and break the pool
+        except Exception as why:
             message = f"{_task_name(fn)} raised {type(exc).__qualname__}: {exc}"
             raise RuntimeError(f"{message} (not re-creatable in the web process: {why})") from exc
         raise
@@ -798,8 +752,7 @@ _PLAIN = {type(None), bool, int, float, str, bytes}  # results that always pickl
 
 def _call_in_worker(task: _WorkerTask, fn: Task, args: Any, kwargs: Any) -> Any:
     _current.set(task)
-    error = task.finish()
-    if error is not None:  # cancelled while it waited in the call queue: never started
+    if (error := task.finish()) is not None:  # cancelled while it waited in the call queue
         raise error
     return _call(task, fn, args, kwargs)
 
@@ -810,9 +763,8 @@ def _name_unpicklable(
     """The call queue's feeder error hook: fail the future with an error naming the culprit."""
     from multiprocessing.reduction import ForkingPickler
 
-    parts = [*getattr(item, "args", ()), *getattr(item, "kwargs", {}).values()]
-    for culprit in parts:  # the task first, then its arguments
-        try:
+    for culprit in [*getattr(item, "args", ()), *getattr(item, "kwargs", {}).values()]:
+        try:  # the task first, then its arguments
             ForkingPickler.dumps(culprit)
         except Exception:
             exc = TypeError(_unpicklable(culprit, str(exc)))
@@ -873,7 +825,9 @@ class FutureCollection:
     def __init__(self, max_length: int | None = 50, logger: logging.Logger | None = None) -> None:
         self.max_length = max_length
         self._futures: collections.OrderedDict[Any, Future[Any]] = collections.OrderedDict()
-        self._lock = threading.RLock()  # guards _futures; re-entrant for tasks run inline
+        # Guards _futures. Held while a stored task is submitted (so a key is never taken
+        # twice), so it comes before the pool's own locks; re-entrant for tasks run inline.
+        self._lock = threading.RLock()
         self._logger = logger or logging.getLogger(__name__)
         self._drops, self._said_at = 0, -1.0  # running futures dropped since the last warning
 
@@ -902,20 +856,17 @@ class FutureCollection:
     def _evicted(self, future_key: Any) -> None:
         """Warn that a running future was dropped: the first time, then at most one line a
         minute, with the count (a flood of submits would otherwise flood the log)."""
-        self._drops += 1
-        now = time.monotonic()
-        if self._said_at >= 0 and now - self._said_at < 60:
+        self._drops, now, said = self._drops + 1, time.monotonic(), self._said_at >= 0
+        if said and now - self._said_at < 60:
             return
-        more = f"{self._drops:,} running futures, the last" if self._said_at >= 0 else "the"
-        since = f" in the last {now - self._said_at:.0f} s" if self._said_at >= 0 else ""
         self._logger.warning(
             "futures dict full (%s futures, EXECUTOR_FUTURES_MAX_LENGTH): dropped %s stored "
             "future %r while its task was still running%s (the tasks go on); raise "
             "EXECUTOR_FUTURES_MAX_LENGTH or pop futures once read",
             self.max_length,
-            more,
+            f"{self._drops:,} running futures, the last" if said else "the",
             future_key,
-            since,
+            f" in the last {now - self._said_at:.0f} s" if said else "",
         )
         self._drops, self._said_at = 0, now
 
@@ -944,8 +895,7 @@ class FutureCollection:
             return list(self._futures)
 
     def values(self) -> list[Future[Any]]:
-        with self._lock:
-            return list(self._futures.values())
+        return [future for _, future in self.items()]
 
     def items(self) -> list[tuple[Any, Future[Any]]]:
         with self._lock:
@@ -973,6 +923,10 @@ def _taken(future_key: Any) -> str:
 
 
 # -- 5. The extension ----------------------------------------------------------------
+#
+# Per-app state lives in app.extensions, so one Executor serves several apps. Locks of the
+# core, in the order they may be taken: a futures dict's _lock, then an app's _pool_lock
+# (replacing a broken pool) or the pool's own; _fork_lock is taken alone.
 
 
 class _AppState:
@@ -991,7 +945,7 @@ class _AppState:
         used = {"EXECUTOR_MAX_WORKERS": self.max_workers, "EXECUTOR_TIMEOUT": self.limit,
                 "EXECUTOR_FUTURES_MAX_LENGTH": self.max_length, "EXECUTOR_PUSH_APP_CONTEXT":
                 self.push, "EXECUTOR_PROPAGATE_EXCEPTIONS": self.propagate}  # fmt: skip
-        self.shared = _shared_futures(config, used)  # section 8; None: in memory
+        self.shared = _shared_futures(config, used)  # the hook to section 8; None: in memory
         self._shutdown = False
         self.own_pool()  # built now, so a bad config fails at init_app, before app changes
         for key in _KEYS:  # app.config shows what it runs with
@@ -999,15 +953,13 @@ class _AppState:
 
     def own_pool(self) -> None:
         """Give this process its own pool, futures dict and lock (at init, and after a fork).
-
-        The parent's are left untouched: their threads and pipes belong to the parent.
-        """
+        The parent's are left untouched: their threads and pipes belong to the parent."""
         self.pool = self.backend.create_pool(self.max_workers, self.config)
         if self.shared is None:
             self.futures = FutureCollection(self.max_length, self.app.logger)
         else:
             self.futures = self.shared(logger=self.app.logger)
-        self._pool_lock = threading.Lock()  # guards replacing a broken pool
+        self._pool_lock = threading.Lock()  # guards replacing a broken pool, and _shutdown
         self.pid = _pid
         if self._shutdown:  # shut down before the fork: stays shut down in the child
             self.pool.shutdown(wait=False)
@@ -1039,10 +991,9 @@ class _AppState:
         callbacks: list[Callback] = list(self.executor._default_callbacks)
         if self.propagate:
             callbacks.insert(0, functools.partial(_log_failure, self.app, fn))
-        captured = future._captured  # type: ignore[attr-defined]
         for callback in callbacks:
             if not isinstance(future, _ContextFuture):  # another pool's future: wrap it here
-                callback = functools.partial(_run_callback, captured, callback)
+                callback = functools.partial(_run_callback, future._captured, callback)  # type: ignore[attr-defined]
             future.add_done_callback(callback)
         return future
 
@@ -1166,9 +1117,7 @@ class Executor(concurrent.futures.Executor):
 
     def submit(self, fn: Callable[..., T] | None = None, /, *args: Any, **kwargs: Any) -> Future[T]:
         """Run ``fn(*args, **kwargs)`` in the background; return its Future at once.
-
-        1.0's keyword form ``submit(fn=task, ...)`` works too.
-        """
+        1.0's keyword form ``submit(fn=task, ...)`` works too."""
         if fn is None:
             fn = kwargs.pop("fn", None)
         state = self._state()
@@ -1178,17 +1127,11 @@ class Executor(concurrent.futures.Executor):
         return future
 
     def submit_stored(
-        self,
-        future_key: Any = _MISSING,
-        fn: Callable[..., T] | None = None,
-        /,
-        *args: Any,
-        **kwargs: Any,
-    ) -> Future[T]:
+        self, future_key: Any = _MISSING, fn: Callable[..., T] | None = None, /, *args: Any,
+        **kwargs: Any
+    ) -> Future[T]:  # fmt: skip
         """Like submit, and keep the Future in ``executor.futures`` under ``future_key``.
-
-        1.0's keyword form ``submit_stored(future_key=key, fn=task, ...)`` works too.
-        """
+        1.0's keyword form ``submit_stored(future_key=key, fn=task, ...)`` works too."""
         if future_key is _MISSING:
             if "future_key" not in kwargs:
                 raise TypeError("submit_stored() needs a future_key: submit_stored(key, fn, ...)")
@@ -1200,12 +1143,9 @@ class Executor(concurrent.futures.Executor):
         return state.attach_callbacks(future, fn)
 
     def map(
-        self,
-        fn: Callable[..., T],
-        *iterables: Iterable[Any],
-        timeout: float | None = None,
-        chunksize: int = 1,
-    ) -> Iterator[T]:
+        self, fn: Callable[..., T], *iterables: Iterable[Any], timeout: float | None = None,
+        chunksize: int = 1
+    ) -> Iterator[T]:  # fmt: skip
         """Like :meth:`concurrent.futures.Executor.map`; each call gets its own contexts."""
         if chunksize < 1:
             raise ValueError(f"chunksize must be >= 1, got {chunksize!r}")
@@ -1319,24 +1259,20 @@ class ExecutorJob:
         return self.executor.map(self, *iterables, **kwargs)
 
 
-# -- 6. 1.0 import paths: flask_executor.executor and flask_executor.futures ---------
+# -- 6. 1.0 import paths: flask_executor.executor and flask_executor.futures ----------
 
 
 def propagate_exceptions_callback(future: Future[Any]) -> None:
     """1.0's done-callback that re-raises a task's exception (ours logs it instead)."""
-    exc = future.exception()
-    if exc is not None:
+    if (exc := future.exception()) is not None:
         raise exc
 
 
 _one_zero: dict[str, dict[str, object]] = {
-    "executor": {
-        "Executor": Executor,
-        "ExecutorJob": ExecutorJob,
-        "propagate_exceptions_callback": propagate_exceptions_callback,
-    },
+    "executor": {"Executor": Executor, "ExecutorJob": ExecutorJob,
+                 "propagate_exceptions_callback": propagate_exceptions_callback},
     "futures": {"FutureCollection": FutureCollection, "Future": Future},
-}
+}  # fmt: skip
 for _name, _names in _one_zero.items():
     _module = types.ModuleType(f"{__name__}.{_name}")
     vars(_module).update(_names)
@@ -2001,6 +1937,18 @@ class _StoredFuture(Future):  # type: ignore[type-arg]
                 )
             _sleep(min(delay, left))
             delay = min(delay * 2, 0.05)
+
+
+def _sleep(seconds: float) -> None:
+    """Sleep without blocking gevent's hub, in a thread that has one; else a plain sleep
+    (the original time.sleep, where gevent has monkey-patched it)."""
+    gevent = sys.modules.get("gevent")
+    if gevent is None:
+        return time.sleep(seconds)
+    if _hub_here() is not None:
+        return gevent.sleep(seconds)  # type: ignore[no-any-return]
+    monkey = sys.modules.get("gevent.monkey")  # not imported: nothing was patched
+    (time.sleep if monkey is None else monkey.get_original("time", "sleep"))(seconds)
 
 
 class _SharedFutures(FutureCollection):

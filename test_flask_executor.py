@@ -2087,6 +2087,21 @@ def test_flask_private_names_we_rely_on_are_where_we_expect():
     assert takes_ctx is merged, "do_teardown_appcontext's signature changed: update _teardown"
 
 
+def test_gevent_private_names_we_rely_on_are_where_we_expect():
+    """The one private part of gevent we use: asking whether a thread has a hub without
+    making one (see ``_hub_here``). If this fails, gevent moved it: adapt the module."""
+    pytest.importorskip("gevent")
+    from gevent._hub_local import get_hub_if_exists
+
+    seen: list[object] = []
+    thread = threading.Thread(
+        target=lambda: seen.extend([get_hub_if_exists(), flask_executor._hub_here()])
+    )
+    thread.start()
+    thread.join(TIMEOUT)
+    assert seen == [None, None]  # a plain thread has none, and asking made none
+
+
 def test_one_point_oh_import_paths():
     import flask_executor.executor
     import flask_executor.futures
