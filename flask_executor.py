@@ -587,15 +587,14 @@ def _runs_a_hub() -> bool:
     return _MAIN_OS_THREAD is None or _os_thread() == _MAIN_OS_THREAD
 
 
-def _os_thread() -> int:
-    """This OS thread's id (threading's is a greenlet's under gevent's monkey-patching)."""
-    monkey = sys.modules.get("gevent.monkey")
-    get_ident = _thread.get_ident if monkey is None else monkey.get_original("_thread", "get_ident")
-    return get_ident()
-
-
+# This OS thread's id: threading's is a greenlet's under gevent's monkey-patching, which
+# cannot have replaced _thread.get_ident before gevent.monkey was imported.
+_monkey = sys.modules.get("gevent.monkey")
+_os_thread = _thread.get_ident if _monkey is None else _monkey.get_original("_thread", "get_ident")
+del _monkey
 # The main thread's OS id, if this module is imported there (else every thread may submit).
 _MAIN_OS_THREAD = _os_thread() if threading.current_thread() is threading.main_thread() else None
+_hub_lookup: Callable[[], Any] | None = None  # gevent's, once gevent is imported
 
 
 def _hub_here() -> Any:
@@ -603,11 +602,14 @@ def _hub_here() -> Any:
     descriptors that only its thread closes). gevent has no public way to ask this; its
     _hub_local module does: if it moves, test_gevent_private_names_we_rely_on_are_where_we_expect
     fails."""
-    if "gevent" not in sys.modules:
-        return None
-    from gevent._hub_local import get_hub_if_exists
+    global _hub_lookup
+    if _hub_lookup is None:
+        if "gevent" not in sys.modules:
+            return None
+        from gevent._hub_local import get_hub_if_exists
 
-    return get_hub_if_exists()
+        _hub_lookup = get_hub_if_exists
+    return _hub_lookup()
 
 
 class _GeventFuture(_ContextFuture):

@@ -1,12 +1,18 @@
-"""Submit cost in CPU instructions (valgrind's callgrind): repeatable on a noisy machine.
+"""Costs in CPU instructions (valgrind's callgrind): repeatable on a noisy machine.
 
     python benchmarks/instructions.py          # needs valgrind (apt-get install valgrind)
 
 Wall-clock figures on a shared machine move by tens of percent between runs; instruction
-counts do not. For the thread backend, in each place of submission, this counts the
-instructions the caller spends in N submits (the pool's workers held busy, so no task runs)
-for this project and for a raw ThreadPoolExecutor, as the difference between a run with N
-submits and a run with none, and prints the per-submit counts and their ratio.
+counts do not. Each figure is the difference between a run doing N operations and a run
+doing none, divided by N, for this project and for the raw pool it wraps, side by side:
+
+- submit: the instructions the caller spends in ``submit`` (thread backend, the pool's
+  workers held busy so no task runs), from a request, an app context, and no context;
+- whole task: ``submit(int).result()`` one after another on one worker, inside a request,
+  all threads and greenlets counted, for the thread and gevent backends; beside ours, the
+  raw pool and the floor for any task with an app context (the raw pool running
+  ``with app.app_context(): int()``). The cyclic GC is off in every run (after warm-up),
+  so a collection landing in one side's loop does not count against it.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import threading
 from pathlib import Path
 
 N = 4000
+WHOLE = 3000
 
 
 def child(where: str, side: str, n: int) -> None:
@@ -54,10 +61,52 @@ def child(where: str, side: str, n: int) -> None:
     os._exit(0)  # no shutdown: only the submits are counted
 
 
-def count(where: str, side: str, n: int) -> int:
+def whole(backend: str, side: str, n: int) -> None:
+    """n tasks, each submitted and waited for, one worker, inside a request."""
+    import concurrent.futures as cf
+    import gc
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from flask import Flask
+
+    import flask_executor
+
+    app = Flask("instructions")
+    app.config.update(EXECUTOR_TYPE=backend, EXECUTOR_MAX_WORKERS=1)
+
+    task = int  # the task every side runs
+
+    def floor() -> int:
+        with app.app_context():
+            return task()
+
+    if backend == "gevent":
+        import gevent.pool
+
+        raw = gevent.pool.Pool(1)
+        run = {"raw": lambda: raw.spawn(task).get(), "floor": lambda: raw.spawn(floor).get()}
+    else:
+        pool = cf.ThreadPoolExecutor(1)
+        run = {
+            "raw": lambda: pool.submit(task).result(),
+            "floor": lambda: pool.submit(floor).result(),
+        }
+    executor = flask_executor.Executor(app)
+    run["ours"] = lambda: executor.submit(task).result()
+    with app.test_request_context("/?q=1"):
+        for _ in range(200):  # warm-up: pools, threads, caches
+            run[side]()
+        gc.collect()
+        gc.disable()
+        for _ in range(n):
+            run[side]()
+    os._exit(0)
+
+
+def count(where: str, side: str, n: int, mode: str = "--child") -> int:
     out = subprocess.run(
         ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
-         __file__, "--child", where, side, str(n)],
+         __file__, mode, where, side, str(n)],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     line = next(line for line in out.stderr.splitlines() if "Collected" in line)
@@ -67,6 +116,8 @@ def count(where: str, side: str, n: int) -> int:
 def main() -> int:
     if sys.argv[1:2] == ["--child"]:
         child(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    if sys.argv[1:2] == ["--whole"]:
+        whole(sys.argv[2], sys.argv[3], int(sys.argv[4]))
     if not shutil.which("valgrind"):
         print("valgrind is not installed: apt-get install valgrind")
         return 1
@@ -79,6 +130,19 @@ def main() -> int:
         }
         print(f"| {where} | {per['ours']:,.0f} | {per['raw']:,.0f} | "
               f"**{per['ours'] / per['raw']:.2f}x** |", flush=True)  # fmt: skip
+    print(f"\nInstructions per whole task: submit, then result(); one worker, in a request "
+          f"({WHOLE} tasks, GC off)")  # fmt: skip
+    print(
+        "| backend | ours | raw pool | floor: raw pool + app context | ours / raw | floor / raw |"
+    )
+    print("| --- | --- | --- | --- | --- | --- |")
+    for backend in ("thread", "gevent"):
+        sides = ("ours", "raw", "floor")
+        per = {s: (count(backend, s, WHOLE, "--whole") - count(backend, s, 0, "--whole")) / WHOLE
+               for s in sides}  # fmt: skip
+        print(f"| {backend} | {per['ours']:,.0f} | {per['raw']:,.0f} | {per['floor']:,.0f} | "
+              f"**{per['ours'] / per['raw']:.2f}x** | {per['floor'] / per['raw']:.2f}x |",
+              flush=True)  # fmt: skip
     return 0
 
 
