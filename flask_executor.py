@@ -186,8 +186,8 @@ class _Task:
     wins, under _stop_lock (section 7), so a task that returned is never reported stopped.
     """
 
-    __slots__ = ("app", "context", "fn", "g_attrs", "inside", "limit", "over", "pid", "push",
-                 "started", "stopped")  # fmt: skip
+    __slots__ = ("app", "context", "failed", "fn", "g_attrs", "inside", "limit", "over", "pid",
+                 "push", "started", "stopped")  # fmt: skip
 
     def __init__(self, app: Flask, g_attrs: dict[str, Any] | None, push: bool, fn: Task,
                  limit: float | None) -> None:  # fmt: skip
@@ -203,6 +203,7 @@ class _Task:
         self.stopped: Callable[[], BaseException] | None = None
         self.over = False
         self.inside = False  # in its own function (only there may gevent throw a stop in)
+        self.failed = False  # its function raised (see _watch_unread)
 
     def stop_requested(self) -> bool:
         if self.stopped is not None:
@@ -264,28 +265,18 @@ def _in_app_context(task: _Task, is_task: bool, fn: Task, args: Any, kwargs: Any
         _current.set(task)
     if not task.push:
         return _call(task, fn, args, kwargs) if is_task else fn(*args, **kwargs)
-    app = task.app
-    app_ctx = _fresh_context(app, _cv_app.get(None))
-    if task.g_attrs:
-        app_ctx.g.__dict__.update(task.g_attrs)
-    _enter(app_ctx)
+    app_ctx = _push(task.app, task.g_attrs)
     error: BaseException | None = None
     try:
         if appcontext_pushed.receivers:
-            appcontext_pushed.send(app, _async_wrapper=app.ensure_sync)
+            appcontext_pushed.send(task.app, _async_wrapper=task.app.ensure_sync)
         return _call(task, fn, args, kwargs) if is_task else fn(*args, **kwargs)
     except BaseException as exc:
         error = exc
         raise
     finally:
-        try:
-            if is_task:
-                _teardown(app_ctx, error)
-        finally:
-            error = None  # the traceback holds this frame: no cycle keeping the task alive
-            _leave(app_ctx)
-            if appcontext_popped.receivers:
-                appcontext_popped.send(app, _async_wrapper=app.ensure_sync)
+        _pop(app_ctx, error, is_task)
+        error = None  # the traceback holds this frame: no cycle keeping the task alive
 
 
 def _call(task: _Task | _WorkerTask, fn: Task, args: Any, kwargs: Any) -> Any:
@@ -301,7 +292,7 @@ def _call(task: _Task | _WorkerTask, fn: Task, args: Any, kwargs: Any) -> Any:
         if type(result) is types.CoroutineType:  # an async def task: run it to its end
             result = _run_coroutine(result, fn)
     except BaseException:
-        task.inside = False
+        task.inside, task.failed = False, True
         if (error := task.finish()) is None:
             raise
         raise error from None
@@ -336,33 +327,37 @@ def _run_coroutine(coroutine: Any, fn: Task) -> Any:
 _MERGED_CONTEXTS = hasattr(AppContext, "has_request")
 
 
-def _fresh_context(app: Flask, submitter: AppContext | None) -> AppContext:
-    """A new app context of app; on 3.2 with the submitter's request and session."""
+def _push(app: Flask, g_attrs: dict[str, Any] | None) -> Any:
+    """Enter a new app context of app (on 3.2 with the submitter's request and session),
+    its g filled from what was captured."""
+    submitter = _cv_app.get(None)
     if _MERGED_CONTEXTS and submitter is not None and submitter.app is app:
-        return submitter.copy()  # type: ignore[attr-defined,no-any-return,unused-ignore]
-    return app.app_context()
-
-
-def _enter(ctx: Any) -> None:
-    if _MERGED_CONTEXTS:
+        ctx: Any = submitter.copy()  # type: ignore[attr-defined,unused-ignore]
         ctx._cv_token, ctx._push_count = _cv_app.set(ctx), 1
     else:
-        ctx._cv_tokens.append(_cv_app.set(ctx))
+        ctx = app.app_context()
+        ctx._cv_tokens.append(_cv_app.set(ctx))  # (an AppContext without a request)
+    if g_attrs:
+        ctx.g.__dict__.update(g_attrs)
+    return ctx
 
 
-def _leave(ctx: Any) -> None:
-    if _MERGED_CONTEXTS:
-        _cv_app.reset(ctx._cv_token)
-        ctx._cv_token, ctx._push_count = None, 0
-    else:
-        _cv_app.reset(ctx._cv_tokens.pop())
-
-
-def _teardown(ctx: Any, error: BaseException | None) -> None:
-    if _MERGED_CONTEXTS:  # do_teardown_appcontext(ctx, exc) from 3.2
-        ctx.app.do_teardown_appcontext(ctx, error)
-    else:
-        ctx.app.do_teardown_appcontext(error)
+def _pop(ctx: Any, error: BaseException | None, teardown: bool) -> None:
+    """Leave a context _push entered; after a task (not a callback) run the app's teardown
+    functions first (do_teardown_appcontext(ctx, exc) from 3.2)."""
+    try:
+        if teardown and _MERGED_CONTEXTS:
+            ctx.app.do_teardown_appcontext(ctx, error)
+        elif teardown:
+            ctx.app.do_teardown_appcontext(error)
+    finally:
+        if _MERGED_CONTEXTS:
+            _cv_app.reset(ctx._cv_token)
+            ctx._cv_token, ctx._push_count = None, 0
+        else:
+            _cv_app.reset(ctx._cv_tokens.pop())
+        if appcontext_popped.receivers:
+            appcontext_popped.send(ctx.app, _async_wrapper=ctx.app.ensure_sync)
 
 
 class _ContextFuture(Future):  # type: ignore[type-arg]
@@ -399,51 +394,65 @@ class _ContextFuture(Future):  # type: ignore[type-arg]
             self._ask(self)
 
     def set_result(self, result: Any) -> None:
-        self._settle(Future.set_result, result)
-
-    def set_exception(self, exception: BaseException | None) -> None:
-        self._settle(Future.set_exception, exception)
-
-    def _settle(self, settle: Callable[[Future[Any], Any], None], outcome: Any) -> None:
-        """The pool's outcome; if the future was stopped first, it is dropped (and said)."""
         if self._ask is not None:  # its worker is done with it: free its stop request
             self._ask(self, True)
-        if type(outcome) is _NotStarted and _stop(self, lambda: outcome, kill=False):
-            return  # cancelled through the shared store: cancelled here too
         try:
-            settle(self, outcome)
-        except concurrent.futures.InvalidStateError:
+            Future.set_result(self, result)
+        except concurrent.futures.InvalidStateError:  # stopped first: dropped (and said)
             if self._stopped_at is None:
                 raise
             _late(self)
 
+    def set_exception(self, exception: BaseException | None) -> None:
+        if self._ask is not None:
+            self._ask(self, True)
+        if type(exception) is _NotStarted and _stop(self, lambda: exception, kill=False):
+            return  # cancelled through the shared store: cancelled here too
+        try:
+            Future.set_exception(self, exception)
+        except concurrent.futures.InvalidStateError:
+            if self._stopped_at is None:
+                raise
+            _late(self)
+        else:
+            _watch_unread(self)
+
     def result(self, timeout: float | None = None) -> Any:
-        return self._read(Future.result, timeout)
+        try:
+            return Future.result(self, timeout)
+        except concurrent.futures.TimeoutError:
+            if self._state != "FINISHED":  # else the task's own TimeoutError (a TaskTimeout)
+                raise self._timed_out(timeout) from None
+            self._retrieved = True
+            raise
+        except BaseException:
+            self._retrieved = self._retrieved or self._state == "FINISHED"
+            raise
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        return self._read(Future.exception, timeout)  # type: ignore[no-any-return]
-
-    def _read(self, read: Callable[[Future[Any], float | None], Any], timeout: float | None) -> Any:
-        """result() or exception(): a timeout names the task; the outcome counts as read."""
         try:
-            return read(self, self._wait(timeout))
+            exception = Future.exception(self, timeout)
         except concurrent.futures.TimeoutError:
-            if self._state == "FINISHED":  # the task's own TimeoutError (a TaskTimeout)
-                raise
-            task = _task_name(self._captured.fn) if self._captured else "the task"
-            raise concurrent.futures.TimeoutError(
-                f"background task {task} did not finish within {timeout} s (it goes on running)"
-            ) from None
-        finally:
-            self._retrieved = self._retrieved or self._state == "FINISHED"
+            raise self._timed_out(timeout) from None
+        self._retrieved = True
+        return exception
 
-    def _wait(self, timeout: float | None) -> float | None:
-        """What is left of ``timeout`` for the blocking wait (the gevent future waits first)."""
-        return timeout
+    def _timed_out(self, timeout: float | None) -> concurrent.futures.TimeoutError:
+        task = _task_name(self._captured.fn) if self._captured else "the task"
+        return concurrent.futures.TimeoutError(
+            f"background task {task} did not finish within {timeout} s (it goes on running)"
+        )
+
+
+class _Unread:
+    """Mixed into the class of a future that failed: if nobody ever reads its exception,
+    it is logged when the future is dropped, as asyncio does (only failed futures pay for
+    a finalizer)."""
 
     def __del__(self) -> None:
-        task = self._captured
-        if self._exception is None or self._retrieved or task is None:
+        future: Any = self
+        task = future._captured
+        if future._exception is None or future._retrieved or task is None:
             return
         if task.pid != _pid:  # a copy a forked child inherited: the parent's to read
             return
@@ -452,8 +461,22 @@ class _ContextFuture(Future):  # type: ignore[type-arg]
                 "background task %s raised an exception that was never retrieved: read "
                 "future.result() or future.exception(), or set EXECUTOR_PROPAGATE_EXCEPTIONS",
                 _task_name(task.fn),
-                exc_info=self._exception,
+                exc_info=future._exception,
             )
+
+
+def _watch_unread(future: Any) -> None:
+    """Give a failed future the finalizer that logs an exception nobody read. Called from
+    set_exception; and by the submitter, if the pool made a plain Future and the task failed
+    before the submitter gave the future its class (the task's `failed` is set before the
+    pool's set_exception is looked up: whichever comes second sees the other)."""
+    cls = type(future)  # (its _captured may not be set yet: the submitter sets it)
+    if not issubclass(cls, _Unread):
+        unread = _UNREAD.get(cls) or type(cls.__name__, (_Unread, cls), {"__module__": __name__})
+        future.__class__ = _UNREAD.setdefault(cls, unread)
+
+
+_UNREAD: dict[type, type] = {}  # each future class, and the same with _Unread mixed in
 
 
 # 1.0's futures were proxies, and real code reads the future behind one by this name.
@@ -629,16 +652,26 @@ class _GeventFuture(_ContextFuture):
         if task is not None and task.inside and not self._greenlet.dead:
             self._greenlet.throw(_Stop)
 
-    def _wait(self, timeout: float | None) -> float | None:
+    def result(self, timeout: float | None = None) -> Any:
+        self._wait(timeout)
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self._wait(timeout)
+        return super().exception(timeout)
+
+    def _wait(self, timeout: float | None) -> None:
+        """In the hub that runs the task, wait as a greenlet: a thread's blocking wait would
+        stop the hub, and the task with it. Another thread's wait blocks only that thread."""
         if self.done() or _hub_here() is not self._hub:
-            return timeout  # another thread's waits block only that thread
+            return
         if self._event is None:
             import gevent.event
 
             self._event = event = gevent.event.Event()
             Future.add_done_callback(self, lambda _: event.set())
-        self._event.wait(timeout)
-        return 0
+        if not self._event.wait(timeout):
+            raise self._timed_out(timeout)
 
 
 class ProcessBackend(Backend):
@@ -696,6 +729,7 @@ class _ProcessPool(concurrent.futures.ProcessPoolExecutor):
         number = next(self._numbers)
         future = super().submit(_in_fresh_context, number, self._limit, fn, *args, **kwargs)
         future.__class__ = _ContextFuture
+        _watch_unread(future)  # its outcome may come back before this line: watched at once
         future._ask = functools.partial(_ask_to_stop, self, number)  # type: ignore[attr-defined]
         if self._limit is not None:
             started = functools.partial(_started, self, number)
@@ -980,8 +1014,10 @@ class _AppState:
             future = pool.submit(fn, *args, **kwargs)
         except concurrent.futures.BrokenExecutor:
             future = self._replace_broken(pool).submit(fn, *args, **kwargs)
-        if type(future) is Future:
+        if type(future) is Future:  # the thread pool's (or a pool of yours)
             future.__class__ = _ContextFuture
+            if task.failed or not self.contexts:  # it may have failed before the line above
+                _watch_unread(future)
         future._captured = task  # type: ignore[attr-defined]  # for its callbacks and stops
         if self.limit is not None and self.contexts and isinstance(future, _ContextFuture):
             # (the process pool watches its own; another pool's futures cannot be stopped)
@@ -1338,13 +1374,13 @@ class _Stop(BaseException):
 class _WorkerTask:
     """A process task, as its worker sees it: asked to stop through the pool's shared memory."""
 
-    __slots__ = ("deadline", "inside", "limit", "name", "number", "stopped")
+    __slots__ = ("deadline", "failed", "inside", "limit", "name", "number", "stopped")
 
     def __init__(self, number: int, limit: float | None, fn: Task) -> None:
         self.number, self.limit, self.name = number, limit, fn
         self.deadline = None if limit is None else time.monotonic() + limit
         self.stopped: Callable[[], BaseException] | None = None
-        self.inside = False
+        self.inside = self.failed = False
         starts = _worker_shared.starts
         if starts is not None:  # the start first, then the number: a reader checks it
             slot = 2 * (number % _STARTS)
@@ -1498,6 +1534,7 @@ def _stop(future: _ContextFuture, error: Callable[[], BaseException], kill: bool
                 waiter.add_cancelled(future)
         else:
             future._exception, future._state = exc, "FINISHED"
+            _watch_unread(future)
             for waiter in future._waiters:
                 waiter.add_exception(future)
         future._condition.notify_all()

@@ -3995,6 +3995,40 @@ class TestNothingSilent:
         assert record.levelno == logging.WARNING
         assert "'a'" in record.getMessage() and "EXECUTOR_FUTURES_MAX_LENGTH" in record.getMessage()
 
+    @pytest.mark.parametrize("contexts", [True, False])
+    def test_unread_exception_logged_when_the_pool_ran_the_task_inside_submit(
+        self, make_executor, caplog, contexts
+    ):
+        class RunsInSubmit(cf.Executor):  # a pool of yours that is done before submit returns
+            def submit(self, fn, /, *args, **kwargs):
+                future = cf.Future()
+                future.set_running_or_notify_cancel()
+                run_into(future, fn, args, kwargs)
+                return future
+
+        def run_into(future, fn, args, kwargs):
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException as exc:
+                future.set_exception(exc)
+                future = None  # the traceback holds this frame: no cycle
+            else:
+                future.set_result(result)
+
+        class Backend_(Backend):
+            def create_pool(self, max_workers, config):
+                return RunsInSubmit()
+
+        Backend_.contexts = contexts
+        app, executor = make_executor(EXECUTOR_TYPE=Backend_())
+        with app.app_context():
+            future = executor.submit(fail, "read by nobody")
+        assert future.done()  # before submit returned, so before the future got its class
+        del future
+        gc.collect()  # the traceback's frames reach submit's, which held the future
+        [record] = executor_records(caplog, app)
+        assert "never retrieved" in record.getMessage() and "read by nobody" in caplog.text
+
     @pytest.mark.parametrize("backend", ["thread", "process", "gevent"])
     def test_unretrieved_exception_is_logged_once(self, make_executor, caplog, backend):
         if backend == "gevent":
