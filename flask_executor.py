@@ -530,6 +530,7 @@ class _GeventExecutor(concurrent.futures.Executor):
 
         self._get_hub, self._getcurrent = gevent.get_hub, gevent.getcurrent
         self._pool = gevent.pool.Pool(max_workers)
+        self._size = max_workers
         # Tasks that found every slot busy, oldest first: a full Pool.spawn would block.
         self._waiting: collections.deque[_Call] = collections.deque()
         self._shutdown = False
@@ -548,7 +549,7 @@ class _GeventExecutor(concurrent.futures.Executor):
         future = _GeventFuture()
         future._hub = self._get_hub()  # the hub whose loop will run the greenlet
         call = _Call(future, fn, args, kwargs)
-        if self._pool.full():
+        if self._size is not None and len(self._pool.greenlets) >= self._size:  # full
             self._waiting.append(call)
         else:
             self._spawn(call)
@@ -556,7 +557,7 @@ class _GeventExecutor(concurrent.futures.Executor):
 
     def _spawn(self, call: _Call) -> None:
         greenlet = self._pool.spawn(_run_in_future, call)
-        if self._pool.size is not None:
+        if self._size is not None:
             greenlet.rawlink(self._start_next)  # runs after the pool has freed the slot
 
     def _start_next(self, _greenlet: object) -> None:
@@ -635,12 +636,26 @@ def _hub_here() -> Any:
     return _hub_lookup()
 
 
+_DONE = ("FINISHED", "CANCELLED", "CANCELLED_AND_NOTIFIED")  # a Future's states once done
+
+
 class _GeventFuture(_ContextFuture):
     """A Future a greenlet can wait on without blocking its hub, patched or not."""
 
     _hub: Any = None
     _event: Any = None  # one gevent Event, set when done: polling adds nothing per call
     _greenlet: Any = None  # the greenlet running its task, once started
+
+    def __init__(self) -> None:  # Future's own fields, with a lock entered by C code
+        self._condition: Any = _FutureLock()
+        self._state, self._result, self._exception = "PENDING", None, None
+        self._waiters: list[Any] = []
+        self._done_callbacks: list[Any] = []
+
+    def _invoke_callbacks(self) -> None:
+        if self._event is not None:  # a greenlet of its hub waits (see _wait)
+            self._event.set()
+        super()._invoke_callbacks()  # type: ignore[misc]
 
     def _kill(self) -> None:
         if self._greenlet is not None:  # thrown in from its hub, whichever thread stops it
@@ -663,15 +678,37 @@ class _GeventFuture(_ContextFuture):
     def _wait(self, timeout: float | None) -> None:
         """In the hub that runs the task, wait as a greenlet: a thread's blocking wait would
         stop the hub, and the task with it. Another thread's wait blocks only that thread."""
-        if self.done() or _hub_here() is not self._hub:
+        if self._state in _DONE or _hub_here() is not self._hub:
             return
         if self._event is None:
             import gevent.event
 
-            self._event = event = gevent.event.Event()
-            Future.add_done_callback(self, lambda _: event.set())
+            self._event = gevent.event.Event()  # set by _invoke_callbacks, which runs after
+            if self._state in _DONE:  # the state is set: done meanwhile, it found no event
+                return
         if not self._event.wait(timeout):
             raise self._timed_out(timeout)
+
+
+try:
+
+    class _FutureLock(_thread.RLock):  # type: ignore[misc]  # typeshed calls it final; it is not
+        """A future's lock and condition in one (Future calls it _condition): entered in C, not
+        through threading.Condition's Python methods, five times for each gevent task. Its
+        Condition, over the same lock, is made on the first wait (a gevent task's waiters in
+        its own hub wait on its Event instead). If a Python forbids subclassing RLock, the
+        future falls back to a threading.Condition (test_gevent_future_lock fails)."""
+
+        _waits: threading.Condition | None = None
+        notify_all: Callable[[], object] = staticmethod(tuple)  # nobody waits: a no-op, in C
+
+        def wait(self, timeout: float | None = None) -> bool:
+            if self._waits is None:  # (the caller holds the lock: no race)
+                self._waits = threading.Condition(self)
+                self.notify_all = self._waits.notify_all
+            return self._waits.wait(timeout)
+except TypeError:  # a Python whose RLock cannot be subclassed: the Future's own kind
+    _FutureLock = threading.Condition  # type: ignore[misc,assignment]
 
 
 class ProcessBackend(Backend):

@@ -2179,6 +2179,27 @@ class TestGevent:
     def _gevent(self):
         pytest.importorskip("gevent")
 
+    def test_gevent_future_lock(self):
+        """A gevent future's lock is entered in C (an RLock subclass); every reader still
+        works: a plain thread blocked in result(), cf.wait and cf.as_completed."""
+        import _thread
+
+        future = flask_executor._GeventFuture()
+        assert isinstance(future._condition, _thread.RLock), "fell back to threading.Condition"
+        future._hub = object()  # not this thread's hub: result() blocks the thread
+        got: list[object] = []
+        reader = threading.Thread(target=lambda: got.append(future.result(TIMEOUT)))
+        reader.start()
+        deadline = time.monotonic() + TIMEOUT
+        while future._condition._waits is None and time.monotonic() < deadline:
+            time.sleep(0.001)  # until the reader waits on the condition
+        assert future.set_running_or_notify_cancel()
+        future.set_result(7)
+        reader.join(TIMEOUT)
+        assert got == [7]
+        assert cf.wait([future], timeout=TIMEOUT).done == {future}
+        assert list(cf.as_completed([future], timeout=TIMEOUT)) == [future]
+
     def test_import_does_not_import_gevent(self):
         out = run_script(
             """

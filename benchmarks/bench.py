@@ -13,6 +13,8 @@ count), alternating A B A B. It prints per-task microseconds and the ratios of:
   (blocked on an event) so it is the caller's own cost; timed in batches of 100 submits,
   the fastest batch over all repeats (noise on a shared machine only ever adds time);
 - submit-to-done: N tasks submitted and all finished; the median ratio of the pairs.
+
+Both are timed with the cyclic GC off on both sides (see submit_to_done).
 """
 
 from __future__ import annotations
@@ -157,11 +159,18 @@ def submit_latency(side: Side, n: int, batch: int = 100) -> list[float]:
 
 
 def submit_to_done(side: Side, n: int) -> float:
-    """Seconds per task from the first submit until all n are done."""
-    start = time.perf_counter()
-    futures = [side.submit(noop) for _ in range(n)]
-    side.wait_all(futures)
-    return (time.perf_counter() - start) / n
+    """Seconds per task from the first submit until all n are done, with the cyclic GC
+    off (collected just before, untimed): a full collection landing in one side's run
+    would otherwise count against that side (it swung gevent's ratio by 0.5x)."""
+    gc.collect()
+    gc.disable()
+    try:
+        start = time.perf_counter()
+        futures = [side.submit(noop) for _ in range(n)]
+        side.wait_all(futures)
+        return (time.perf_counter() - start) / n
+    finally:
+        gc.enable()
 
 
 def compare(backend: str, where: str, n: int, repeats: int) -> dict[str, float]:
