@@ -32,6 +32,7 @@ import urllib.parse
 import urllib.request
 import warnings
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -231,76 +232,7 @@ class TestConfig:
             executor.submit(square, 3)
 
 
-# -- 2. Backends --------------------------------------------------------------------
-
-
-class NamedThreadBackend(ThreadBackend):
-    """The README's custom backend: threads named from a config key."""
-
-    def create_pool(self, max_workers, config):
-        prefix = config.get("EXECUTOR_THREAD_NAME", "background")
-        return cf.ThreadPoolExecutor(max_workers, thread_name_prefix=prefix)
-
-
-class TestBackends:
-    @pytest.mark.parametrize("backend", BACKENDS)
-    def test_submit_and_map(self, make_executor, backend):
-        app, executor = make_executor(EXECUTOR_TYPE=backend, EXECUTOR_MAX_WORKERS=2)
-        with app.app_context():
-            future = executor.submit(add, 2, y=3)
-            assert isinstance(future, cf.Future)
-            assert future.result(TIMEOUT) == 5
-            assert list(executor.map(square, range(6), timeout=TIMEOUT)) == [0, 1, 4, 9, 16, 25]
-            chunked = executor.map(add, range(7), range(7), chunksize=3, timeout=TIMEOUT)
-            assert list(chunked) == [0, 2, 4, 6, 8, 10, 12]
-            futures = [executor.submit(square, n) for n in range(5)]
-            done, _ = cf.wait(futures, timeout=TIMEOUT)
-            assert len(done) == 5
-            assert sorted(f.result() for f in cf.as_completed(futures, TIMEOUT)) == [0, 1, 4, 9, 16]
-
-    @pytest.mark.parametrize("backend", BACKENDS)
-    def test_exception_is_returned_through_the_future(self, make_executor, backend):
-        app, executor = make_executor(EXECUTOR_TYPE=backend, EXECUTOR_MAX_WORKERS=1)
-        with app.app_context():
-            with pytest.raises(ValueError, match="boom"):
-                executor.submit(fail, "boom").result(TIMEOUT)
-            assert isinstance(executor.submit(fail, "x").exception(TIMEOUT), ValueError)
-            assert executor.submit(square, 4).result(TIMEOUT) == 16  # the pool goes on
-
-    def test_process_tasks_run_in_another_process(self, make_executor):
-        app, executor = make_executor(EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=1)
-        with app.app_context():
-            assert executor.submit(worker_pid).result(TIMEOUT) != os.getpid()
-
-    def test_custom_backend_registered_by_name(self, make_executor, monkeypatch):
-        monkeypatch.setitem(flask_executor.BACKENDS, "named", NamedThreadBackend())
-        app, executor = make_executor(EXECUTOR_TYPE="named", EXECUTOR_THREAD_NAME="mail")
-        with app.test_request_context("/?who=me"):
-            future = executor.submit(lambda: (threading.current_thread().name, request.args["who"]))
-            name, who = future.result(TIMEOUT)
-        assert name.startswith("mail") and who == "me"
-
-    def test_register_backend_function(self, make_executor, monkeypatch):
-        monkeypatch.setattr(flask_executor, "BACKENDS", dict(flask_executor.BACKENDS))
-        flask_executor.register_backend("Named", NamedThreadBackend())
-        app, executor = make_executor(EXECUTOR_TYPE="named")
-        with app.app_context():
-            assert executor.submit(lambda: threading.current_thread().name).result(TIMEOUT)
-        with pytest.raises(TypeError, match="needs a Backend instance"):
-            flask_executor.register_backend("bad", object())  # type: ignore[arg-type]
-
-    def test_custom_backend_passed_as_object(self, make_executor):
-        app, executor = make_executor(EXECUTOR_TYPE=NamedThreadBackend())
-        with app.app_context():
-            name = executor.submit(lambda: threading.current_thread().name).result(TIMEOUT)
-        assert name.startswith("background")
-
-    def test_backend_is_abstract(self):
-        with pytest.raises(TypeError):
-            Backend()  # type: ignore[abstract]
-
-
-# -- 3. Contexts --------------------------------------------------------------------
+# -- 2. Contexts ---------------------------------------------------------------------
 
 
 @pytest.fixture(params=CONTEXT_BACKENDS)
@@ -589,6 +521,300 @@ class TestContexts:
                 assert got["arg"] == got["g"] == got["session"] == str(n)
 
 
+# -- 3. Backends ---------------------------------------------------------------------
+
+
+class NamedThreadBackend(ThreadBackend):
+    """The README's custom backend: threads named from a config key."""
+
+    def create_pool(self, max_workers, config):
+        prefix = config.get("EXECUTOR_THREAD_NAME", "background")
+        return cf.ThreadPoolExecutor(max_workers, thread_name_prefix=prefix)
+
+
+class TestBackends:
+    @pytest.mark.parametrize("backend", BACKENDS)
+    def test_submit_and_map(self, make_executor, backend):
+        app, executor = make_executor(EXECUTOR_TYPE=backend, EXECUTOR_MAX_WORKERS=2)
+        with app.app_context():
+            future = executor.submit(add, 2, y=3)
+            assert isinstance(future, cf.Future)
+            assert future.result(TIMEOUT) == 5
+            assert list(executor.map(square, range(6), timeout=TIMEOUT)) == [0, 1, 4, 9, 16, 25]
+            chunked = executor.map(add, range(7), range(7), chunksize=3, timeout=TIMEOUT)
+            assert list(chunked) == [0, 2, 4, 6, 8, 10, 12]
+            futures = [executor.submit(square, n) for n in range(5)]
+            done, _ = cf.wait(futures, timeout=TIMEOUT)
+            assert len(done) == 5
+            assert sorted(f.result() for f in cf.as_completed(futures, TIMEOUT)) == [0, 1, 4, 9, 16]
+
+    @pytest.mark.parametrize("backend", BACKENDS)
+    def test_exception_is_returned_through_the_future(self, make_executor, backend):
+        app, executor = make_executor(EXECUTOR_TYPE=backend, EXECUTOR_MAX_WORKERS=1)
+        with app.app_context():
+            with pytest.raises(ValueError, match="boom"):
+                executor.submit(fail, "boom").result(TIMEOUT)
+            assert isinstance(executor.submit(fail, "x").exception(TIMEOUT), ValueError)
+            assert executor.submit(square, 4).result(TIMEOUT) == 16  # the pool goes on
+
+    def test_process_tasks_run_in_another_process(self, make_executor):
+        app, executor = make_executor(EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=1)
+        with app.app_context():
+            assert executor.submit(worker_pid).result(TIMEOUT) != os.getpid()
+
+    def test_custom_backend_registered_by_name(self, make_executor, monkeypatch):
+        monkeypatch.setitem(flask_executor.BACKENDS, "named", NamedThreadBackend())
+        app, executor = make_executor(EXECUTOR_TYPE="named", EXECUTOR_THREAD_NAME="mail")
+        with app.test_request_context("/?who=me"):
+            future = executor.submit(lambda: (threading.current_thread().name, request.args["who"]))
+            name, who = future.result(TIMEOUT)
+        assert name.startswith("mail") and who == "me"
+
+    def test_register_backend_function(self, make_executor, monkeypatch):
+        monkeypatch.setattr(flask_executor, "BACKENDS", dict(flask_executor.BACKENDS))
+        flask_executor.register_backend("Named", NamedThreadBackend())
+        app, executor = make_executor(EXECUTOR_TYPE="named")
+        with app.app_context():
+            assert executor.submit(lambda: threading.current_thread().name).result(TIMEOUT)
+        with pytest.raises(TypeError, match="needs a Backend instance"):
+            flask_executor.register_backend("bad", object())  # type: ignore[arg-type]
+
+    def test_custom_backend_passed_as_object(self, make_executor):
+        app, executor = make_executor(EXECUTOR_TYPE=NamedThreadBackend())
+        with app.app_context():
+            name = executor.submit(lambda: threading.current_thread().name).result(TIMEOUT)
+        assert name.startswith("background")
+
+    def test_backend_is_abstract(self):
+        with pytest.raises(TypeError):
+            Backend()  # type: ignore[abstract]
+
+
+# -- 3b. The gevent backend ----------------------------------------------------------
+
+
+def run_script(script: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
+    """Run a Python script in a fresh interpreter (monkey-patching stays in there)."""
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        env={**os.environ, "PYTHONPATH": str(HERE), **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=HERE,
+    )
+
+
+class TestGevent:
+    @pytest.fixture(autouse=True)
+    def _gevent(self):
+        pytest.importorskip("gevent")
+
+    def test_gevent_future_lock(self):
+        """A gevent future's lock is entered in C (an RLock subclass); every reader still
+        works: a plain thread blocked in result(), cf.wait and cf.as_completed."""
+        import _thread
+
+        future = flask_executor._GeventFuture()
+        assert isinstance(future._condition, _thread.RLock), "fell back to threading.Condition"
+        future._hub = object()  # not this thread's hub: result() blocks the thread
+        got: list[object] = []
+        reader = threading.Thread(target=lambda: got.append(future.result(TIMEOUT)))
+        reader.start()
+        deadline = time.monotonic() + TIMEOUT
+        while future._condition._waits is None and time.monotonic() < deadline:
+            time.sleep(0.001)  # until the reader waits on the condition
+        assert future.set_running_or_notify_cancel()
+        future.set_result(7)
+        reader.join(TIMEOUT)
+        assert got == [7]
+        assert cf.wait([future], timeout=TIMEOUT).done == {future}
+        assert list(cf.as_completed([future], timeout=TIMEOUT)) == [future]
+
+    def test_import_does_not_import_gevent(self):
+        out = run_script(
+            """
+            import sys, flask_executor
+            assert not any(m.split(".")[0] == "gevent" for m in sys.modules), "gevent imported"
+            print("ok")
+            """
+        )
+        assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+    def test_missing_gevent_says_which_extra(self, monkeypatch):
+        monkeypatch.setitem(sys.modules, "gevent", None)
+        monkeypatch.setitem(sys.modules, "gevent.pool", None)
+        with pytest.raises(ImportError, match=r"needs gevent: pip install gevent"):
+            Executor(make_app(EXECUTOR_TYPE="gevent"))
+
+    def test_submit_never_blocks_and_waiting_tasks_run_in_order(self, make_executor):
+        import gevent
+        import gevent.event
+
+        app, executor = make_executor(EXECUTOR_TYPE="gevent", EXECUTOR_MAX_WORKERS=2)
+        release = gevent.event.Event()
+        order: list[int] = []
+
+        def task(n: int) -> int:
+            order.append(n)
+            release.wait()
+            return n
+
+        with app.app_context():
+            futures = [executor.submit(task, n) for n in range(50)]
+            assert order == []  # submit never yielded to the hub, though both slots are busy
+            gevent.sleep(0)
+            assert order == [0, 1]
+            release.set()
+            assert [f.result(TIMEOUT) for f in futures] == list(range(50))
+        assert order == list(range(50))
+
+    def test_cancel_before_start(self, make_executor):
+        import gevent.event
+
+        app, executor = make_executor(EXECUTOR_TYPE="gevent", EXECUTOR_MAX_WORKERS=1)
+        release = gevent.event.Event()
+        ran: list[str] = []
+        with app.app_context():
+            first = executor.submit(lambda: release.wait(TIMEOUT))
+            second = executor.submit(ran.append, "second")
+            third = executor.submit(ran.append, "third")
+            assert second.cancel() and second.cancelled()
+            release.set()
+            assert first.result(TIMEOUT) is True and third.result(TIMEOUT) is None
+        assert ran == ["third"]
+
+    def test_cancel_spawned_but_not_started(self, make_executor):
+        app, executor = make_executor(EXECUTOR_TYPE="gevent")  # unbounded: spawned at once
+        ran: list[int] = []
+        with app.app_context():
+            future = executor.submit(ran.append, 1)
+            assert future.cancel()
+            executor.shutdown(wait=True)
+        assert ran == [] and future.cancelled()
+
+    def test_shutdown_waits_for_every_accepted_task(self, make_executor):
+        import gevent
+
+        app, executor = make_executor(EXECUTOR_TYPE="gevent", EXECUTOR_MAX_WORKERS=10)
+        ran: list[int] = []
+
+        def task(n: int) -> None:
+            gevent.sleep(0)
+            ran.append(n)
+
+        with app.app_context():
+            for n in range(3000):
+                executor.submit(task, n)
+            executor.shutdown(wait=True)
+        assert sorted(ran) == list(range(3000))
+        with app.app_context(), pytest.raises(RuntimeError, match="after shutdown"):
+            executor.submit(task, 0)
+
+    def test_shutdown_cancel_futures(self, make_executor):
+        import gevent.event
+
+        app, executor = make_executor(EXECUTOR_TYPE="gevent", EXECUTOR_MAX_WORKERS=1)
+        release = gevent.event.Event()
+        with app.app_context():
+            running = executor.submit(lambda: release.wait(TIMEOUT))
+            gevent.sleep(0)
+            waiting = [executor.submit(square, n) for n in range(5)]
+            release.set()
+            executor.shutdown(wait=True, cancel_futures=True)
+        assert running.result(0) is True
+        assert all(f.cancelled() for f in waiting)
+
+    def test_result_timeout_and_exceptions(self, make_executor, caplog):
+        import gevent.event
+
+        app, executor = make_executor(EXECUTOR_TYPE="gevent", EXECUTOR_PROPAGATE_EXCEPTIONS=True)
+        with app.app_context():
+            release = gevent.event.Event()
+            slow = executor.submit(release.wait, TIMEOUT)
+            with pytest.raises(cf.TimeoutError):
+                slow.result(timeout=0.05)
+            release.set()
+            assert slow.result(TIMEOUT) is True
+            with pytest.raises(ValueError, match="green"):
+                executor.submit(fail, "green").result(TIMEOUT)
+            assert isinstance(executor.submit(fail, "x").exception(TIMEOUT), ValueError)
+            assert executor.submit(square, 5).result(TIMEOUT) == 25
+        assert "background task" in caplog.text and "Traceback" in caplog.text
+
+    def test_job_and_submit_stored(self, make_executor):
+        app, executor = make_executor(EXECUTOR_TYPE="gevent")
+
+        @executor.job
+        def greet(name: str) -> str:
+            return f"hi {name} from {request.args['via']}"
+
+        with app.test_request_context("/?via=job"):
+            assert greet.submit("ann").result(TIMEOUT) == "hi ann from job"
+            assert list(greet.map(["a", "b"], timeout=TIMEOUT)) == [
+                "hi a from job",
+                "hi b from job",
+            ]
+            greet.submit_stored("g1", "cy").result(TIMEOUT)
+            assert executor.futures.done("g1") and executor.futures.pop("g1").result() == (
+                "hi cy from job"
+            )
+
+    def test_monkey_patched_thousands_of_waits_and_wait_helpers(self):
+        out = run_script(
+            """
+            from gevent import monkey; monkey.patch_all()
+            import concurrent.futures as cf, json, time
+            import gevent
+            from flask import Flask, g, request
+            from flask_executor import Executor
+
+            app = Flask("patched")
+            app.config.update(EXECUTOR_TYPE="gevent", EXECUTOR_FUTURES_MAX_LENGTH=None)
+            executor = Executor(app)
+
+            def io_task(n):
+                time.sleep(0.5)  # patched: a cooperative wait
+                return n, request.args["who"], g.who
+
+            with app.test_request_context("/?who=patched"):
+                g.who = "g-patched"
+                start = time.monotonic()
+                futures = [executor.submit(io_task, n) for n in range(3000)]
+                done, not_done = cf.wait(futures, timeout=60)
+                elapsed = time.monotonic() - start
+                results = [f.result() for f in futures]
+                completed = sum(1 for _ in cf.as_completed(futures, timeout=10))
+            wrong = [r for n, r in enumerate(results) if r != (n, "patched", "g-patched")]
+            print(json.dumps({"done": len(done), "elapsed": elapsed, "wrong": len(wrong),
+                              "as_completed": completed}))
+            """
+        )
+        assert out.returncode == 0, out.stderr
+        report = json.loads(out.stdout)
+        assert report["done"] == 3000 and report["wrong"] == 0 and report["as_completed"] == 3000
+        # 3000 waits of 0.5 s, one after another, would take 25 minutes: they overlapped.
+        assert report["elapsed"] < 30
+
+    def test_not_patched_result_from_main_greenlet(self):
+        out = run_script(
+            """
+            import gevent
+            from flask import Flask
+            from flask_executor import Executor
+
+            app = Flask("plain")
+            app.config["EXECUTOR_TYPE"] = "gevent"
+            executor = Executor(app)
+            with app.app_context():
+                future = executor.submit(lambda: gevent.sleep(0.1) or "slept")
+                print(future.result(timeout=10), executor.submit(sum, [1, 2]).exception(10))
+            """
+        )
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == ["slept", "None"]
+
+
 # -- 4. The futures dict ------------------------------------------------------------
 
 
@@ -682,1142 +908,6 @@ class TestFutures:
         assert errors == [] and len(results) == 1600
         assert all(results[f"{w}-{n}"] == n * n for w in range(8) for n in range(200))
         assert len(executor.futures) == 0
-
-
-# -- 4b. Shared stores: SQLite and Redis (EXECUTOR_FUTURES_STORE) ---------------------------
-
-
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory):
-    """A real redis-server on 127.0.0.1 for the whole run, stopped at the end."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        if os.environ.get("CI"):
-            pytest.fail("redis-server is not installed: .ci/run installs it with apt-get")
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    pytest.importorskip("redis")
-    port = free_port()
-    folder = tmp_path_factory.mktemp("redis")
-    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--dir", str(folder)]  # fmt: skip
-    server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, "no redis-server"
-                time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGKILL)
-        server.wait(TIMEOUT)
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def store_url(request, tmp_path):
-    """A fresh shared store's URL: a new SQLite file, or the Redis server emptied."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/futures.db"  # sqlite:////abs/path: an absolute path
-    url = request.getfixturevalue("redis_server")
-    import redis
-
-    redis.Redis.from_url(url).flushall()
-    return url
-
-
-def wait_until(check, timeout: float = TIMEOUT) -> None:
-    """Poll ``check()`` (a read of state another process, a store or a pool holds) until
-    true; under gevent, letting the hub run the greenlets meanwhile."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {check}"
-        gevent = sys.modules.get("gevent")
-        (gevent.sleep if gevent is not None else time.sleep)(0.01)
-
-
-def wait_event(event_name: str) -> str:
-    """A thread task that blocks on a named module-level Event (set by the test)."""
-    STARTED.set()
-    EVENTS[event_name].wait(TIMEOUT)
-    return event_name
-
-
-STARTED = threading.Event()
-EVENTS: dict[str, threading.Event] = {}
-
-
-def start_blocked(executor: Executor, key: str) -> threading.Event:
-    """Store a thread task that blocks; return, once it runs, the Event that releases it."""
-    EVENTS[key] = release = threading.Event()
-    STARTED.clear()
-    executor.submit_stored(key, wait_event, key)
-    assert STARTED.wait(TIMEOUT)
-    return release
-
-
-class TestSharedStores:
-    @pytest.mark.parametrize("backend", ["thread", "process", "gevent"])
-    def test_reads_by_key_match_a_local_future(self, make_executor, store_url, backend):
-        if backend == "gevent":
-            pytest.importorskip("gevent")
-        app, executor = make_executor(EXECUTOR_TYPE=backend, EXECUTOR_FUTURES_STORE=store_url)
-        with app.app_context():
-            future = executor.submit_stored("k", square, 5)
-            assert future.result(TIMEOUT) == 25
-            futures = executor.futures
-            assert futures.result("k", timeout=TIMEOUT) == 25
-            assert futures.done("k") is True and futures._state("k") == "FINISHED"
-            assert futures.exception("k") is None
-            assert futures.running("k") is False and futures.cancelled("k") is False
-            assert futures["k"].result() == 25 and futures.get("k").done()
-            assert futures.keys() == ["k"] and list(futures) == ["k"] and len(futures) == 1
-            assert future in futures and futures.items()[0][0] == "k"
-            assert futures.get("k") in futures and cf.Future() not in futures
-            for read in ("done", "running", "cancelled", "_state", "result", "exception"):
-                assert getattr(futures, read)("missing") is None
-            assert futures.get("missing") is None and futures.pop("missing") is None
-            with pytest.raises(KeyError):
-                futures["missing"]
-            popped = futures.pop("k")
-            assert isinstance(popped, cf.Future) and popped.done() and popped.result() == 25
-            assert futures.pop("k") is None and len(futures) == 0 and futures.keys() == []
-            for n in range(30):  # once the submitter's future has its result, so does the store
-                executor.submit_stored(n, square, n).result(TIMEOUT)
-                assert futures.done(n) is True and futures.pop(n).result() == n * n
-
-    def test_add_keeps_any_future_in_the_store(self, make_executor, store_url):
-        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url)
-        with app.app_context():
-            future: cf.Future = cf.Future()
-            executor.futures.add("mine", future)
-            assert executor.futures.done("mine") is False and future in executor.futures
-            future.set_result([1, 2])
-            assert executor.futures.result("mine", timeout=TIMEOUT) == [1, 2]
-
-    def test_pop_of_a_running_task_resolves_when_it_finishes(self, make_executor, store_url):
-        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url)
-        with app.app_context():
-            release = start_blocked(executor, "r")
-            popped = executor.futures.pop("r")
-            assert popped.running() and executor.futures.get("r") is None
-            executor.submit_stored("r", square, 4)  # the key is free again at once
-            release.set()
-            assert popped.result(TIMEOUT) == "r"
-            assert executor.futures.result("r", timeout=TIMEOUT) == 16
-            assert executor.futures.store.keys() == ["s:r"]  # the new row holds the key
-
-    def test_a_view_keeps_reading_its_own_task_after_pop_and_reuse(self, make_executor, store_url):
-        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url, EXECUTOR_MAX_WORKERS=1)
-        EVENTS["reuse"] = release = threading.Event()
-        with app.app_context():
-            executor.submit_stored("k", str, "first").result(TIMEOUT)
-            view = executor.futures.get("k")
-            executor.futures.pop("k")
-            executor.submit_stored("k", str, "second").result(TIMEOUT)
-            assert view.result() == "first" and executor.futures.result("k") == "second"
-            blocker = executor.submit_stored("block", wait_event, "reuse")
-            executor.submit_stored("q", str, "old")
-            old = executor.futures.get("q")
-            executor.futures.pop("q")
-            new = executor.submit_stored("q", str, "new")
-            assert old.cancel() is True  # the popped task, still queued: not the new one
-            release.set()
-            assert new.result(TIMEOUT) == "new" and executor.futures.result("q") == "new"
-            assert old.cancelled() and blocker.result(TIMEOUT) == "reuse"
-
-    def test_a_reader_waiting_on_a_key_gets_its_result_though_another_pops_it(
-        self, make_executor, store_url
-    ):
-        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url)
-        with app.app_context():
-            release = start_blocked(executor, "w")
-            waiting = executor.futures.get("w")
-            reader = cf.ThreadPoolExecutor(1).submit(waiting.result, TIMEOUT)
-            popped = executor.futures.pop("w")  # popped while the reader waits
-            release.set()
-            assert reader.result(TIMEOUT) == "w" and popped.result(TIMEOUT) == "w"
-
-    def test_a_popped_running_future_is_not_dropped_by_the_bound(self, make_executor, store_url):
-        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url,
-                                      EXECUTOR_FUTURES_MAX_LENGTH=2)  # fmt: skip
-        with app.app_context():
-            release = start_blocked(executor, "r")
-            popped = executor.futures.pop("r")
-            for n in range(5):
-                executor.submit_stored(n, square, n).result(TIMEOUT)
-            assert len(executor.futures) == 2
-            release.set()
-            assert popped.result(TIMEOUT) == "r"
-
-    def test_an_outcome_the_store_failed_to_take_is_stored_again(
-        self, make_executor, store_url, monkeypatch
-    ):
-        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url)
-        store = executor.futures.store
-        failures = [ConnectionError("the store is away")]
-        real_finish = store.finish
-
-        def finish(token, outcome, wait):
-            if failures:
-                raise failures.pop()
-            return real_finish(token, outcome, wait)
-
-        monkeypatch.setattr(store, "finish", finish)
-        with app.app_context():
-            assert executor.submit_stored("k", square, 7).result(TIMEOUT) == 49  # not the error
-            assert executor.futures.result("k", timeout=TIMEOUT) == 49 and failures == []
-
-    def test_a_job_of_the_process_backend(self, executors, store_url):
-        app = make_app(JOBS_EXECUTOR_TYPE="process", JOBS_EXECUTOR_FUTURES_STORE=store_url)
-        job_executor.init_app(app)
-        executors.append(job_executor)
-        with app.app_context():
-            assert cube.submit_stored("job", 6).result(TIMEOUT) == 216
-            assert job_executor.futures.result("job", timeout=TIMEOUT) == 216
-
-    def test_a_failed_submit_leaves_the_key_free(self, make_executor, store_url):
-        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url)
-        with app.app_context():
-            executor.shutdown()
-            with pytest.raises(RuntimeError, match="after shutdown"):
-                executor.submit_stored("k", square, 1)
-            assert executor.futures.get("k") is None and executor.futures.keys() == []
-
-    def test_cancel_through_the_store_cancels_the_submitters_future(self, make_executor, store_url):
-        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url, EXECUTOR_MAX_WORKERS=1,
-                                      EXECUTOR_PROPAGATE_EXCEPTIONS=True)  # fmt: skip
-        EVENTS["local"] = release = threading.Event()
-        with app.app_context():
-            blocker = executor.submit_stored("a", wait_event, "local")
-            queued = executor.submit_stored("b", square, 2)
-            assert executor.futures.cancel("b") is True
-            release.set()
-            assert blocker.result(TIMEOUT) == "local"
-            cf.wait([queued], timeout=TIMEOUT)
-            assert queued.cancelled()
-
-    def test_a_replaced_file_is_opened_again_by_every_process(self, tmp_path):
-        url = f"sqlite:///{tmp_path}/futures.db"
-        first = Executor(make_app(EXECUTOR_FUTURES_STORE=url))
-        with first._apps[0]().app_context():
-            first.submit_stored("before", square, 1).result(TIMEOUT)
-            for name in ("futures.db", "futures.db-wal", "futures.db-shm"):
-                (tmp_path / name).unlink(missing_ok=True)
-            first.submit_stored("after", square, 2).result(TIMEOUT)
-            assert first.futures.keys() == ["after"]
-        second = Executor(make_app(EXECUTOR_FUTURES_STORE=url))  # as a new worker would
-        with second._apps[0]().app_context():
-            assert second.futures.keys() == ["after"] and second.futures.result("after") == 4
-        first.shutdown()
-        second.shutdown()
-
-    def test_a_store_unpickled_in_a_worker_opens_on_first_use(self, tmp_path):
-        dead = f"redis://127.0.0.1:{free_port()}/0"
-        pytest.importorskip("redis")
-        store = flask_executor._shared_store(flask_executor.RedisStore, dead, "ns", 15.0)
-        with pytest.raises(Exception, match=r"Connection refused|Error"):
-            store.read("s:k")  # the task that uses it fails, not the worker unpickling it
-        store = flask_executor._shared_store(flask_executor.SQLiteStore, str(tmp_path), "ns")
-        with pytest.raises(sqlite3.OperationalError):
-            store.read("s:k")
-
-    def test_the_process_pool_survives_a_store_gone_away(self, make_executor, tmp_path):
-        pytest.importorskip("redis")
-        port = free_port()
-        argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
-        if shutil.which("redis-server") is None:
-            pytest.skip("redis-server is not installed")
-        server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, start_new_session=True)
-        try:
-            wait_until(lambda: subprocess.run(["redis-cli", "-p", str(port), "ping"],
-                                              capture_output=True).returncode == 0)  # fmt: skip
-            url = f"redis://127.0.0.1:{port}/0"
-            app, executor = make_executor(EXECUTOR_TYPE="process", EXECUTOR_FUTURES_STORE=url,
-                                          EXECUTOR_MAX_WORKERS=1)  # fmt: skip
-            with app.app_context():
-                assert executor.submit_stored("up", square, 2).result(TIMEOUT) == 4
-                server.kill()
-                server.wait(TIMEOUT)
-                plain = [executor.submit(square, n) for n in range(3)]
-                assert [f.result(TIMEOUT) for f in plain] == [0, 1, 4]  # no BrokenProcessPool
-        finally:
-            server.kill()
-            server.wait(TIMEOUT)
-
-    def test_a_key_in_use_is_refused_and_nothing_queued(self, make_executor, store_url, tmp_path):
-        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url)
-        log = str(tmp_path / "ran")
-        with app.app_context():
-            executor.submit_stored("dup", append_line, log, 1).result(TIMEOUT)
-            with pytest.raises(ValueError, match="'dup' already exists"):
-                executor.submit_stored("dup", append_line, log, 2)
-            executor.shutdown(wait=True)
-        assert Path(log).read_text() == "1\n"
-
-    def test_pending_running_cancel_and_timeout(self, make_executor, store_url):
-        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url, EXECUTOR_MAX_WORKERS=1)
-        EVENTS["release"] = release = threading.Event()
-        STARTED.clear()
-        with app.app_context():
-            running = executor.submit_stored("a", wait_event, "release")
-            queued = executor.submit_stored("b", square, 3)
-            assert STARTED.wait(TIMEOUT)
-            futures = executor.futures
-            assert futures.running("a") is True and futures._state("a") == "RUNNING"
-            assert futures.done("b") is False and futures._state("b") == "PENDING"
-            with pytest.raises(cf.TimeoutError, match=r"'a' did not finish within 0\.05 s"):
-                futures.result("a", timeout=0.05)
-            assert futures.cancel("b") is True and futures.cancel("b") is True
-            assert futures.cancelled("b") is True and futures.done("b") is True
-            view = futures.get("a")
-            seen: list[object] = []
-            view.add_done_callback(lambda f: seen.append(f.result()))
-            release.set()
-            assert futures.result("a", timeout=TIMEOUT) == "release"
-            assert view.done() and seen == ["release"]  # run by the read that saw it finish
-            with pytest.raises(cf.CancelledError):
-                queued.result(TIMEOUT)  # the local future: its task never ran
-            with pytest.raises(cf.CancelledError):
-                futures.result("b")
-            assert futures.cancel("a") is False and futures.pop("b").cancelled()
-            assert running.result() == "release"
-
-    @pytest.mark.parametrize("backend", BACKENDS)
-    def test_exception_comes_back_with_its_traceback_text(self, make_executor, store_url, backend):
-        app, executor = make_executor(EXECUTOR_TYPE=backend, EXECUTOR_FUTURES_STORE=store_url)
-        with app.app_context():
-            executor.submit_stored("e", fail, "boom")
-            exc = executor.futures.exception("e", timeout=TIMEOUT)
-            assert isinstance(exc, ValueError) and str(exc) == "boom"
-            assert "raise ValueError(message)" in str(exc.__cause__)
-            with pytest.raises(ValueError, match="boom"):
-                executor.futures.pop("e").result()
-
-    def test_what_cannot_be_pickled_reads_as_failed_naming_task_and_type(
-        self, make_executor, store_url
-    ):
-        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url)
-        with app.app_context():
-            local = executor.submit_stored("lock", return_lock)
-            executor.submit_stored("two", raise_needs_two_args)
-            with pytest.raises(TypeError, match=r"return_lock finished, but its lock result"):
-                executor.futures.result("lock", timeout=TIMEOUT)
-            with pytest.raises(TypeError, match=r"raise_needs_two_args .* its NeedsTwoArgs"):
-                executor.futures.result("two", timeout=TIMEOUT)
-            assert local.result() is not None  # the submitter's own future is not pickled
-
-    def test_int_keys_and_keys_a_store_cannot_keep(self, make_executor, store_url):
-        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url)
-        with app.app_context():
-            executor.submit_stored(7, square, 2).result(TIMEOUT)
-            executor.submit_stored("7", square, 3).result(TIMEOUT)
-            assert executor.futures.keys() == [7, "7"]
-            assert executor.futures.result(7) == 4 and executor.futures.result("7") == 9
-            with pytest.raises(TypeError, match=r"str or int keys, got \(1, 2\) .* str\(key\)"):
-                executor.submit_stored((1, 2), square, 1)
-            assert executor.futures.done((1, 2)) is None
-
-    def test_max_length_and_ttl_bound_the_store(self, make_executor, store_url, caplog):
-        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url, EXECUTOR_MAX_WORKERS=1,
-                                      EXECUTOR_FUTURES_MAX_LENGTH=3)  # fmt: skip
-        EVENTS["bound"] = release = threading.Event()
-        with app.app_context():
-            for n in range(5):
-                executor.submit_stored(n, square, n).result(TIMEOUT)
-            assert executor.futures.keys() == [2, 3, 4] and len(executor.futures) == 3
-            blockers = [executor.submit_stored(f"b{n}", wait_event, "bound") for n in range(4)]
-            assert executor.futures.keys() == ["b1", "b2", "b3"]
-            assert "dropped the stored future 'b0' while its task was still running" in caplog.text
-            release.set()
-            assert [b.result(TIMEOUT) for b in blockers] == ["bound"] * 4  # dropped, not lost
-            store = executor.futures.store
-            assert store.claim("s:new", "tok", "me", "t", None, 0.0) == []  # ttl 0: finished go
-            assert executor.futures.keys() == ["new"]
-
-    def test_ttl_is_read_from_config(self, make_executor, store_url):
-        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url, EXECUTOR_FUTURES_TTL="60")
-        with app.app_context():
-            assert executor.futures.ttl == 60
-        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url)
-        assert app.config["EXECUTOR_FUTURES_TTL"] is None  # the default, set by init_app
-
-    @pytest.mark.parametrize("backend", BACKENDS)
-    def test_stored_state_read_from_another_process(self, store_url, backend, tmp_path):
-        """A task owned by one process, read by another: pending, running, then finished."""
-        script = f"""
-            import concurrent.futures as cf
-            from flask_executor import Executor
-            from test_flask_executor import make_app, wait_for
-            app = make_app(EXECUTOR_FUTURES_STORE={store_url!r}, EXECUTOR_TYPE={backend!r},
-                           EXECUTOR_MAX_WORKERS=1)
-            executor = Executor(app)
-            with app.app_context():
-                future = executor.submit_stored("x", wait_for, {str(tmp_path / "go")!r})
-                queued = executor.submit_stored("y", wait_for, {str(tmp_path / "go")!r})
-                cf.wait([queued], timeout=60)
-                print(future.result(60), queued.cancelled(), flush=True)
-        """
-        owner = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], cwd=HERE,
-                                 env={**os.environ, "PYTHONPATH": str(HERE)},
-                                 stdout=subprocess.PIPE, text=True)  # fmt: skip
-        try:
-            app = make_app(EXECUTOR_FUTURES_STORE=store_url)
-            executor = Executor(app)
-            with app.app_context():
-                futures = executor.futures  # both keys claimed there, "x" started
-                wait_until(lambda: futures.running("x") and futures.get("y") is not None)
-                assert executor.futures.done("x") is False
-                with pytest.raises(ValueError, match="already exists"):
-                    executor.submit_stored("x", square, 1)
-                assert executor.futures.cancel("y") is True  # queued in the other process
-                Path(tmp_path / "go").touch()
-                assert executor.futures.result("x", timeout=TIMEOUT) == str(tmp_path / "go")
-                assert executor.futures.cancelled("y") is True
-                assert owner.wait(TIMEOUT) == 0
-                assert owner.stdout.read().split() == [str(tmp_path / "go"), "True"]  # its own
-                # future reads cancelled too, as if cancelled there
-        finally:
-            owner.kill()
-            owner.wait()
-
-    def test_a_killed_owner_reads_as_lost_within_seconds(self, store_url, tmp_path):
-        script = f"""
-            import os, sys
-            from flask_executor import Executor
-            from test_flask_executor import make_app, wait_for
-            app = make_app(EXECUTOR_FUTURES_STORE={store_url!r})
-            executor = Executor(app)
-            with app.app_context():
-                executor.submit_stored("orphan", wait_for, {str(tmp_path / "never")!r}, 600)
-                executor.submit_stored("queued", wait_for, {str(tmp_path / "never")!r}, 600)
-                os.write(1, b"%d\\n" % os.getpid())
-                wait_for({str(tmp_path / "never")!r}, 600)
-        """
-        owner = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], cwd=HERE,
-                                 env={**os.environ, "PYTHONPATH": str(HERE)},
-                                 stdout=subprocess.PIPE, text=True)  # fmt: skip
-        try:
-            pid = int(owner.stdout.readline())
-            app = make_app(EXECUTOR_FUTURES_STORE=store_url)
-            executor = Executor(app)
-            with app.app_context():
-                wait_until(lambda: executor.futures.running("orphan"))  # its thread started it
-                os.kill(pid, signal.SIGKILL)
-                owner.wait(TIMEOUT)
-                killed_at = time.monotonic()
-                wait_until(lambda: executor.futures.done("orphan"), timeout=5)
-                assert time.monotonic() - killed_at < 5
-                for key in ("orphan", "queued"):
-                    exc = executor.futures.exception(key)
-                    assert isinstance(exc, cf.BrokenExecutor)
-                    assert executor.futures.store.read(f"s:{key}").state == "finished"  # for all
-                    assert f"{key!r} is lost" in str(exc) and f"/{pid}:" in str(exc)
-                    assert "wait_for" in str(exc)
-        finally:
-            owner.kill()
-            owner.wait()
-
-    def test_pop_succeeds_in_exactly_one_process(self, store_url):
-        app, executor = make_app(EXECUTOR_FUTURES_STORE=store_url), None
-        executor = Executor(app)
-        with app.app_context():
-            for n in range(40):
-                executor.submit_stored(f"p{n}", square, n)
-            for n in range(40):
-                executor.futures.result(f"p{n}", timeout=TIMEOUT)
-        with multiprocessing.get_context("spawn").Pool(4) as pool:
-            popped = pool.starmap(pop_all, [(store_url, 40)] * 4, chunksize=1)
-        executor.shutdown()
-        winners = sorted(key for part in popped for key, _ in part)
-        assert winners == sorted(f"p{n}" for n in range(40))  # each key once, in total
-        assert all(result == int(key[1:]) ** 2 for part in popped for key, result in part)
-
-    def test_processes_booting_on_a_fresh_file_at_once(self, tmp_path):
-        ctx = multiprocessing.get_context("spawn")
-        for round_ in range(3):
-            url = f"sqlite:///{tmp_path}/boot{round_}.db"
-            barrier, results = ctx.Barrier(6), ctx.Queue()
-            booting = [ctx.Process(target=boot_and_store, args=(url, barrier, results, n))
-                       for n in range(6)]  # fmt: skip
-            for process in booting:
-                process.start()
-            got = sorted(results.get(timeout=TIMEOUT) for _ in booting)
-            for process in booting:
-                process.join(TIMEOUT)
-            assert got == [n * n for n in range(6)]
-
-    def test_redis_owner_on_another_machine_is_lost_once_its_lease_runs_out(self, redis_server):
-        import redis
-
-        redis.Redis.from_url(redis_server).flushall()
-        store = flask_executor.RedisStore(redis_server, "lease-test", lease=0.5)
-        app = make_app(EXECUTOR_FUTURES_STORE=store)
-        executor = Executor(app)
-        elsewhere = "another-host/another-boot/4242:1"
-        with app.app_context():
-            assert store.claim("s:remote", "t1", elsewhere, "their.task", None, None) == []
-            for _ in range(3):  # its lease is renewed: still alive after several lease times
-                time.sleep(0.5)
-                assert executor.futures.done("remote") is False
-            store._leased = -1  # the renewing thread stops: the owner is gone
-            wait_until(lambda: executor.futures.done("remote"), timeout=5)
-            with pytest.raises(cf.BrokenExecutor, match=r"another-host.* their\.task is gone"):
-                executor.futures.result("remote")
-
-
-class DictStore(flask_executor.FuturesStore):
-    """A user's own store: the protocol's methods over dicts, for one process (no limits)."""
-
-    def __init__(self) -> None:
-        self.rows: dict[str, list] = {}  # token: [key, state, owner, task, outcome]
-        self.lock = threading.Lock()
-
-    def _token(self, key: str) -> str | None:
-        return next((t for t, row in self.rows.items() if row[0] == key), None)
-
-    def claim(self, key, token, owner, task, max_length, ttl):
-        with self.lock:
-            if self._token(key) is not None:
-                return None
-            self.rows[token] = [key, "pending", owner, task, None]
-            return []
-
-    def start(self, token, wait):
-        with self.lock:
-            row = self.rows.get(token)
-            if row is not None and row[1] == "pending":
-                row[1] = "running"
-            return row is None or row[1] != "cancelled"
-
-    def finish(self, token, outcome, wait):
-        with self.lock:
-            row = self.rows.get(token)
-            if row is None or row[1] not in ("pending", "running"):
-                return False
-            row[1], row[4] = ("cancelled", None) if outcome is None else ("finished", outcome)
-            return True
-
-    def forget(self, token):
-        self.rows.pop(token, None)
-
-    def read(self, key="", token=""):
-        token = self._token(key) if key else token
-        row = self.rows.get(token)
-        return None if row is None else flask_executor.Row(token, *row[1:4])
-
-    def outcome(self, token):
-        return self.rows[token][4] if token in self.rows else None
-
-    def cancel(self, token):
-        with self.lock:
-            row = self.rows.get(token)
-            if row is not None and row[1] in ("pending", "running"):
-                row[1] = "cancelled"
-            return row is not None and row[1] == "cancelled"
-
-    def pop(self, key):
-        with self.lock:
-            token = self._token(key)
-            if token is not None:
-                self.rows[token][0] = f"d:{token}"
-            return self.read(token=token) if token else None
-
-    def keys(self):
-        return [row[0] for row in self.rows.values() if not row[0].startswith("d:")]
-
-    def alive(self, owner):
-        return True
-
-
-def test_a_store_of_your_own(make_executor):
-    store = DictStore()
-    app, executor = make_executor(EXECUTOR_FUTURES_STORE=store)
-    with app.app_context():
-        assert executor.submit_stored("mine", square, 6).result(TIMEOUT) == 36
-        assert executor.futures.done("mine") and executor.futures.result("mine") == 36
-        with pytest.raises(ValueError, match="already exists"):
-            executor.submit_stored("mine", square, 1)
-        executor.submit_stored("bad", fail, "no")
-        with pytest.raises(ValueError, match="no"):
-            executor.futures.result("bad", timeout=TIMEOUT)
-        assert (
-            executor.futures.keys() == ["mine", "bad"] and store.read("s:mine").state == "finished"
-        )
-        assert executor.futures.pop("mine").result() == 36 and executor.futures.pop("mine") is None
-
-
-HOLD_LOCK = """
-import sqlite3, sys, time
-db = sqlite3.connect(sys.argv[1], isolation_level=None)
-db.execute("BEGIN " + (sys.argv[3] if len(sys.argv) > 3 else "IMMEDIATE"))
-print("locked", flush=True)
-time.sleep(float(sys.argv[2]) if len(sys.argv) > 2 else 1.5)
-db.execute("COMMIT")
-"""
-
-
-def test_gevent_keeps_running_while_sqlite_is_locked(tmp_path):
-    """A locked SQLite store is waited for in gevent sleeps: other greenlets keep running."""
-    pytest.importorskip("gevent")
-    url, path = f"sqlite:///{tmp_path}/futures.db", str(tmp_path / "futures.db")
-    result = run_script(
-        f"""
-        from gevent import monkey; monkey.patch_all()
-        import subprocess, sys, time, gevent
-        from flask_executor import Executor
-        from test_flask_executor import HOLD_LOCK, make_app, square
-        app = make_app(EXECUTOR_TYPE="gevent", EXECUTOR_FUTURES_STORE={url!r})
-        executor = Executor(app)
-        holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, {path!r}],
-                                  stdout=subprocess.PIPE, text=True)
-        assert holder.stdout.readline().strip() == "locked"
-        gaps, last = [], [time.monotonic()]
-        def tick():
-            while True:
-                gevent.sleep(0.01)
-                gaps.append(time.monotonic() - last[0])
-                last[0] = time.monotonic()
-        ticker = gevent.spawn(tick)
-        with app.app_context():
-            started = time.monotonic()
-            assert executor.submit_stored("k", square, 3).result(30) == 9
-            waited = time.monotonic() - started
-        ticker.kill()
-        holder.wait(30)
-        print(f"{{waited:.2f}} {{max(gaps, default=waited):.3f}}")  # no tick: blocked
-        """
-    )
-    assert result.returncode == 0, result.stderr
-    waited, longest_gap = map(float, result.stdout.split())
-    assert waited > 1.0  # it did wait for the lock
-    assert longest_gap < 0.5, result.stdout  # and the hub ran other greenlets meanwhile
-
-
-def start_redis(port: int, folder: Path) -> subprocess.Popen:
-    """A redis-server of the test's own on 127.0.0.1 (no persistence), waited for."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        if os.environ.get("CI"):
-            pytest.fail("redis-server is not installed: .ci/run installs it with apt-get")
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--dir", str(folder)]  # fmt: skip
-    server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + TIMEOUT
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return server
-        except OSError:
-            assert server.poll() is None and time.monotonic() < deadline, "no redis-server"
-            time.sleep(0.05)
-
-
-def stop_redis(server: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(server.pid, signal.SIGKILL)
-    server.wait(TIMEOUT)
-
-
-def plant(url: str, key: str, blob: bytes) -> None:
-    """Write ``blob`` as the stored outcome of ``key``, as anyone with write access could."""
-    if url.startswith("sqlite"):
-        with contextlib.closing(sqlite3.connect(url[len("sqlite:///") :])) as db, db:
-            db.execute("UPDATE executor_rows SET outcome = ? WHERE key = ?", (blob, f"s:{key}"))
-    else:
-        import redis
-
-        client = redis.Redis.from_url(url)
-        for hash_key in client.keys("flask_executor:*:keys"):
-            token = client.hget(hash_key, f"s:{key}")
-            if token is not None:
-                client.hset(hash_key[: -len(b"keys")] + b"row:" + token, "outcome", blob)
-
-
-class Planted:
-    """A pickle that runs code when it is unpickled: it writes a file."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __reduce__(self):
-        return (Path(self.path).write_text, ("the planted pickle ran",))
-
-
-class TestStoresHoldTheirGround:
-    """Resets, replaced files, popped futures, signed outcomes, leaks (#21)."""
-
-    def test_a_reset_sqlite_store_never_serves_one_keys_outcome_for_another(
-        self, make_executor, tmp_path
-    ):
-        path = tmp_path / "futures.db"
-        app, executor = make_executor(EXECUTOR_FUTURES_STORE=f"sqlite:///{path}")
-        with app.app_context():
-            old = executor.submit_stored("old", wait_for, str(tmp_path / "old-go"))
-            wait_until(lambda: executor.futures.running("old"))
-            for name in ("futures.db", "futures.db-wal", "futures.db-shm"):
-                (tmp_path / name).unlink(missing_ok=True)  # the store is reset
-            new = executor.submit_stored("new", wait_for, str(tmp_path / "new-go"))
-            (tmp_path / "old-go").touch()
-            assert old.result(TIMEOUT) == str(tmp_path / "old-go")
-            assert executor.futures.done("new") is False  # the old task's finish went nowhere
-            (tmp_path / "new-go").touch()
-            assert new.result(TIMEOUT) == str(tmp_path / "new-go")
-            assert executor.futures.result("new", timeout=TIMEOUT) == str(tmp_path / "new-go")
-
-    def test_a_restarted_redis_never_serves_one_keys_outcome_for_another(
-        self, make_executor, tmp_path
-    ):
-        port = free_port()
-        server = start_redis(port, tmp_path)
-        try:
-            url = f"redis://127.0.0.1:{port}/0"
-            app, executor = make_executor(EXECUTOR_FUTURES_STORE=url)
-            with app.app_context():
-                old = executor.submit_stored("old", wait_for, str(tmp_path / "old-go"))
-                wait_until(lambda: executor.futures.running("old"))
-                stop_redis(server)  # restarted without persistence: empty, ids from 1 again
-                server = start_redis(port, tmp_path)
-                new = executor.submit_stored("new", wait_for, str(tmp_path / "new-go"))
-                (tmp_path / "old-go").touch()
-                assert old.result(TIMEOUT) == str(tmp_path / "old-go")
-                assert executor.futures.done("new") is False
-                (tmp_path / "new-go").touch()
-                assert new.result(TIMEOUT) == str(tmp_path / "new-go")
-                assert executor.futures.result("new", timeout=TIMEOUT) == str(tmp_path / "new-go")
-        finally:
-            stop_redis(server)
-
-    def test_a_popped_future_keeps_its_outcome_for_a_day(self, make_executor, store_url,
-                                                         tmp_path):  # fmt: skip
-        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url)
-        with app.app_context():
-            executor.submit_stored("report", wait_for, str(tmp_path / "go"))
-            popped = executor.futures.pop("report")
-            (tmp_path / "go").touch()
-            wait_until(popped.done)
-            age_popped_rows(store_url, 62)  # as if read 62 s later
-            executor.submit_stored("other", square, 2).result(TIMEOUT)  # a claim cleans up
-            assert executor.futures.pop("report") is None
-            assert popped.result(TIMEOUT) == str(tmp_path / "go")
-            executor.submit_stored("later", wait_for, str(tmp_path / "go"))
-            late = executor.futures.pop("later")
-            wait_until(late.done)
-            age_popped_rows(store_url, 25 * 3600)  # past the documented limit: named
-            executor.submit_stored("more", square, 2).result(TIMEOUT)
-            with pytest.raises(KeyError, match="popped futures are kept 24 hours"):
-                late.result(TIMEOUT)
-
-    def test_a_deleted_or_replaced_sqlite_file_is_opened_again_by_two_processes(self, tmp_path):
-        url, path = f"sqlite:///{tmp_path}/futures.db", tmp_path / "futures.db"
-        script = f"""
-            import os, time
-            from flask_executor import Executor
-            from test_flask_executor import make_app, square, wait_for
-            app = make_app(EXECUTOR_FUTURES_STORE={url!r})
-            executor = Executor(app)
-            with app.app_context():
-                for n, step in enumerate(["start", "deleted", "replaced"]):
-                    wait_for({str(tmp_path)!r} + "/" + step)
-                    executor.submit_stored(f"b-{{step}}", square, n).result(30)
-                    print(executor.futures.result(f"b-{{step}}", timeout=30), flush=True)
-        """
-        other = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], cwd=HERE,
-                                 env={**os.environ, "PYTHONPATH": str(HERE)},
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 text=True)  # fmt: skip
-        try:
-            app = make_app(EXECUTOR_FUTURES_STORE=url)
-            executor = Executor(app)
-            with app.app_context():
-                executor.submit_stored("a-start", square, 5).result(TIMEOUT)
-                (tmp_path / "start").touch()
-                assert other.stdout.readline().strip() == "0"  # both hold connections now
-                path.unlink()  # its -wal and -shm stay
-                (tmp_path / "deleted").touch()
-                assert executor.submit_stored("a-deleted", square, 6).result(TIMEOUT) == 36
-                assert executor.futures.result("a-deleted", timeout=TIMEOUT) == 36
-                assert other.stdout.readline().strip() == "1"
-                with contextlib.closing(sqlite3.connect(tmp_path / "other.db")) as db:
-                    db.execute("CREATE TABLE unrelated (x)")
-                os.replace(tmp_path / "other.db", path)  # replaced under both processes
-                (tmp_path / "replaced").touch()
-                assert executor.submit_stored("a-replaced", square, 7).result(TIMEOUT) == 49
-                assert executor.futures.result("a-replaced", timeout=TIMEOUT) == 49
-                assert other.stdout.readline().strip() == "4", other.stderr.read()
-                assert sorted(executor.futures.keys()) == ["a-replaced", "b-replaced"]
-            assert other.wait(TIMEOUT) == 0
-            executor.shutdown()
-        finally:
-            other.kill()
-            other.wait()
-
-    def test_polls_from_plain_threads_never_make_gevent_hubs(self, make_executor, tmp_path):
-        pytest.importorskip("gevent")
-        import gevent  # noqa: F401  (merely imported, as a gevent-using dependency would)
-
-        app, executor = make_executor(EXECUTOR_FUTURES_STORE=f"sqlite:///{tmp_path}/f.db")
-        with app.app_context():
-            executor.submit_stored("k", wait_for, str(tmp_path / "go"))
-            futures = executor.futures
-            in_thread(lambda: futures.done("k"))  # the store's connection is open
-            before = len(os.listdir("/proc/self/fd"))
-            for _ in range(100):  # a thread per request, each waiting a while on the future
-                waited = in_thread(lambda: futures.result("k", timeout=0.02))
-                assert isinstance(waited, cf.TimeoutError)
-            gc.collect()
-            assert len(os.listdir("/proc/self/fd")) - before < 20
-            (tmp_path / "go").touch()
-
-    def test_polls_read_state_only_never_the_outcome(self, make_executor, store_url,
-                                                     monkeypatch):  # fmt: skip
-        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url)
-        with app.app_context():
-            future = executor.submit_stored("big", bytes, 5_000_000)
-            assert len(future.result(TIMEOUT)) == 5_000_000
-            unpickled: list[int] = []
-            real_loads = pickle.loads
-            monkeypatch.setattr(pickle, "loads", lambda b, **k: unpickled.append(len(b)) or
-                                real_loads(b, **k))  # fmt: skip
-            futures = executor.futures
-            for _ in range(3):
-                assert futures.done("big") and not futures.running("big")
-                assert not futures.cancelled("big") and futures.get("big") is not None
-                assert future in futures and "big" in futures.keys()  # noqa: SIM118
-            assert unpickled == []
-            assert len(futures.result("big")) == 5_000_000 and unpickled  # result() loads it
-
-    def test_a_locked_store_never_holds_the_submitters_future(self, make_executor, tmp_path):
-        url, path = f"sqlite:///{tmp_path}/futures.db", str(tmp_path / "futures.db")
-        app, executor = make_executor(EXECUTOR_FUTURES_STORE=url)
-        with app.app_context():
-            future = executor.submit_stored("k", wait_for, str(tmp_path / "go"))
-            wait_until(lambda: executor.futures.running("k"))
-            holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, path, "6", "EXCLUSIVE"],
-                                      stdout=subprocess.PIPE, text=True)  # fmt: skip
-            try:
-                assert holder.stdout.readline().strip() == "locked"
-                (tmp_path / "go").touch()
-                assert future.result(3) == str(tmp_path / "go")  # the lock is held 6 s
-                assert holder.poll() is None  # (still held when the future was done)
-            finally:
-                holder.wait(TIMEOUT)
-            assert executor.futures.result("k", timeout=TIMEOUT) == str(tmp_path / "go")
-
-    def test_two_apps_with_one_name_on_one_store_keep_apart_by_namespace(self, store_url):
-        apps = [Flask("app") for _ in range(2)]
-        executors = []
-        for n, app in enumerate(apps):
-            app.config.update(SECRET_KEY="s", EXECUTOR_FUTURES_STORE=store_url,
-                              EXECUTOR_FUTURES_NAMESPACE=f"site{n}")  # fmt: skip
-            executors.append(Executor(app))
-        try:
-            with apps[0].app_context():
-                executors[0].submit_stored("report", str, "first site").result(TIMEOUT)
-            with apps[1].app_context():
-                executors[1].submit_stored("report", str, "second site").result(TIMEOUT)
-                assert executors[1].futures.result("report", timeout=TIMEOUT) == "second site"
-            with apps[0].app_context():
-                assert executors[0].futures.result("report") == "first site"
-            shared = Flask("app")  # the default: the import name, shared by both `app`s
-            shared.config.update(SECRET_KEY="s", EXECUTOR_FUTURES_STORE=store_url)
-            assert shared.config.get("EXECUTOR_FUTURES_NAMESPACE") is None
-            executors.append(Executor(shared))
-            assert shared.config["EXECUTOR_FUTURES_NAMESPACE"] == "app:"
-        finally:
-            for executor in executors:
-                executor.shutdown()
-
-    def test_a_planted_pickle_is_never_unpickled_in_any_process(self, make_executor, store_url,
-                                                                tmp_path):  # fmt: skip
-        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url)
-        ran = tmp_path / "ran"
-        with app.app_context():
-            executor.submit_stored("k", square, 3).result(TIMEOUT)
-            plant(store_url, "k", pickle.dumps(Planted(str(ran))))
-        script = f"""
-            from flask_executor import Executor
-            from test_flask_executor import make_app
-            app = make_app(EXECUTOR_FUTURES_STORE={store_url!r})
-            executor = Executor(app)
-            with app.app_context():
-                print(executor.futures.done("k"), flush=True)
-                try:
-                    executor.futures.result("k")
-                except RuntimeError as exc:
-                    print(exc, flush=True)
-        """
-        result = run_script(script)
-        assert result.returncode == 0, result.stderr
-        assert not ran.exists()  # the code in the pickle never ran
-        done, message = result.stdout.strip().split("\n")
-        assert done == "True" and "'k'" in message and "this app did not write" in message
-
-    def test_a_signed_outcome_cannot_be_moved_to_another_key(self, make_executor, store_url):
-        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url)
-        with app.app_context():
-            executor.submit_stored("mine", square, 3).result(TIMEOUT)
-            executor.submit_stored("theirs", square, 4).result(TIMEOUT)
-            store = executor.futures.store
-            plant(store_url, "theirs", store.outcome(store.read(key="s:mine").token))
-            with pytest.raises(RuntimeError, match="this app did not write"):
-                executor.futures.result("theirs")
-
-    def test_the_secret_key_rotates_and_a_store_without_one_is_refused(self, store_url):
-        old = make_app(EXECUTOR_FUTURES_STORE=store_url)
-        old.secret_key = "old"
-        executor = Executor(old)
-        with old.app_context():
-            executor.submit_stored("k", square, 5).result(TIMEOUT)
-        executor.shutdown()
-        new = make_app(EXECUTOR_FUTURES_STORE=store_url, SECRET_KEY_FALLBACKS=["old"])
-        new.secret_key = "new"
-        executor = Executor(new)
-        with new.app_context():
-            assert executor.futures.result("k") == 25  # written with the old key
-        executor.shutdown()
-        other = make_app(EXECUTOR_FUTURES_STORE=store_url)  # another key, no fallback
-        executor = Executor(other)
-        with other.app_context(), pytest.raises(RuntimeError, match="did not write"):
-            executor.futures.result("k")
-        executor.shutdown()
-        bare = Flask("bare")
-        bare.config["EXECUTOR_FUTURES_STORE"] = store_url
-        with pytest.raises(ValueError, match=r"needs the app's SECRET_KEY.* Set app\.secret_key"):
-            Executor(bare)
-        assert "executor" not in bare.extensions
-
-
-class TestStoreProbes:
-    """What the prober of #21 found: each failed before its fix."""
-
-    def test_a_cancel_under_a_locked_store_never_holds_the_future(self, make_executor,
-                                                                  tmp_path):  # fmt: skip
-        url, path = f"sqlite:///{tmp_path}/futures.db", str(tmp_path / "futures.db")
-        app, executor = make_executor(EXECUTOR_FUTURES_STORE=url)
-        with app.app_context():
-            future = executor.submit_stored("k", write_until_stopped, str(tmp_path / "flag"))
-            wait_until(lambda: executor.futures.running("k"))
-            holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, path, "6", "EXCLUSIVE"],
-                                      stdout=subprocess.PIPE, text=True)  # fmt: skip
-            try:
-                assert holder.stdout.readline().strip() == "locked"
-                started = time.monotonic()
-                assert future.cancel() is True and future.cancelled()
-                assert time.monotonic() - started < 2 and holder.poll() is None
-            finally:
-                holder.wait(TIMEOUT)
-            wait_until(lambda: executor.futures.cancelled("k"))  # stored once it is free
-
-    def test_an_outcome_relabelled_to_another_key_is_refused(self, make_executor, store_url):
-        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url)
-        with app.app_context():
-            executor.submit_stored("alice", str, "alice's report").result(TIMEOUT)
-            executor.submit_stored("mallory", str, "mallory's").result(TIMEOUT)
-            relabel(store_url, "alice", "mallory")  # the key column / keys hash rewritten
-            with pytest.raises(RuntimeError, match="this app did not write"):
-                executor.futures.result("mallory")
-
-    def test_a_fork_while_opening_the_file_never_holds_its_lock(self, tmp_path):
-        url = f"sqlite:///{tmp_path}/futures.db"
-        script = f"""
-            import os, threading, time
-            from flask_executor import Executor
-            import flask_executor
-            from test_flask_executor import make_app, square
-            app = make_app(EXECUTOR_FUTURES_STORE={url!r})
-            executor = Executor(app)
-            real = flask_executor._lock_file
-            forked = []
-            def lock_then_fork(fd, path):
-                real(fd, path)
-                pid = os.fork()
-                if pid == 0:
-                    time.sleep(20)
-                    os._exit(0)
-                forked.append(pid)
-            flask_executor._lock_file = lock_then_fork
-            os.remove({str(tmp_path / "futures.db")!r})  # the next read opens the file anew
-            with app.app_context():
-                executor.submit_stored("a", square, 2).result(30)
-            flask_executor._lock_file = real
-            os.replace({str(tmp_path / "other.db")!r}, {str(tmp_path / "futures.db")!r})
-            started = time.monotonic()
-            with app.app_context():
-                executor.submit_stored("b", square, 3).result(30)
-            print(round(time.monotonic() - started))
-            os.kill(forked[0], 9)
-        """
-        import sqlite3 as sq
-
-        with contextlib.closing(sq.connect(tmp_path / "other.db")) as db:
-            db.execute("CREATE TABLE unrelated (x)")
-        result = run_script(script, timeout=60)
-        assert result.returncode == 0, result.stderr
-        assert result.stdout.split() == ["0"]  # the child's copy of the lock is no lock
-
-    def test_a_new_task_after_a_redis_restart_is_never_read_as_lost(self, make_executor,
-                                                                    tmp_path):  # fmt: skip
-        port = free_port()
-        server = start_redis(port, tmp_path)
-        try:
-            url = f"redis://127.0.0.1:{port}/0"
-            app, executor = make_executor(EXECUTOR_FUTURES_STORE=url)
-            with app.app_context():
-                executor.submit_stored("first", square, 2).result(TIMEOUT)
-                stop_redis(server)
-                server = start_redis(port, tmp_path)  # every lease is gone
-                executor.submit_stored("new", wait_for, str(tmp_path / "go"))
-                store = executor.futures.store
-                owner = store.read(key="s:new").owner
-                assert store._redis.exists(f"flask_executor:lease:{owner}")  # renewed at once
-                (tmp_path / "go").touch()
-        finally:
-            stop_redis(server)
-
-    def test_a_popped_task_whose_owner_died_leaves_no_row_for_ever(self, make_executor,
-                                                                  store_url):  # fmt: skip
-        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url)
-        store = executor.futures.store
-        elsewhere = "another-host/boot/ns/4242:1"
-        with app.app_context():
-            assert store.claim("s:orphan", "t-orphan", elsewhere, "x.y", None, None) == []
-            executor.futures.pop("orphan")
-            age_popped_rows(store_url, 25 * 3600, unfinished=True)
-            executor.submit_stored("next", square, 2).result(TIMEOUT)  # a claim cleans up
-            assert store.read(token="t-orphan") is None
-
-
-def relabel(url: str, source: str, target: str) -> None:
-    """Point key ``target`` at ``source``'s row, as anyone with write access could."""
-    if url.startswith("sqlite"):
-        with contextlib.closing(sqlite3.connect(url[len("sqlite:///") :])) as db, db:
-            db.execute("DELETE FROM executor_rows WHERE key = ?", (f"s:{target}",))
-            db.execute("UPDATE executor_rows SET key = ? WHERE key = ?",
-                       (f"s:{target}", f"s:{source}"))  # fmt: skip
-    else:
-        import redis
-
-        client = redis.Redis.from_url(url)
-        for hash_key in client.keys("flask_executor:*:keys"):
-            token = client.hget(hash_key, f"s:{source}")
-            if token is not None:
-                client.hset(hash_key, f"s:{target}", token)
-
-
-def age_popped_rows(url: str, seconds: float, unfinished: bool = False) -> None:
-    """Move the finish time of every popped row ``seconds`` into the past."""
-    if url.startswith("sqlite"):
-        column = "popped" if unfinished else "finished"
-        with contextlib.closing(sqlite3.connect(url[len("sqlite:///") :])) as db, db:
-            db.execute(f"UPDATE executor_rows SET {column} = {column} - ? WHERE key LIKE 'd:%'",
-                       (seconds,))  # fmt: skip
-    else:
-        import redis
-
-        client = redis.Redis.from_url(url)
-        for gone in client.keys("flask_executor:*:gone"):
-            for member, score in client.zrange(gone, 0, -1, withscores=True):
-                client.zadd(gone, {member: score - seconds})
-
-
-def pop_all(url: str, count: int) -> list[tuple[str, int]]:
-    """In another process: pop every key it can; return the ones it won."""
-    app = make_app(EXECUTOR_FUTURES_STORE=url)
-    executor = Executor(app)
-    with app.app_context():
-        won = []
-        for n in range(count):
-            future = executor.futures.pop(f"p{n}")
-            if future is not None:
-                won.append((f"p{n}", future.result(TIMEOUT)))
-    return won
-
-
-def boot_and_store(url: str, barrier: object, results: object, n: int) -> None:
-    barrier.wait(TIMEOUT)  # every process opens the new file at the same moment
-    try:
-        app = make_app(EXECUTOR_FUTURES_STORE=url)
-        executor = Executor(app)
-        with app.app_context():
-            executor.submit_stored(n, square, n)
-            results.put(executor.futures.result(n, timeout=TIMEOUT))
-        executor.shutdown()
-    except BaseException as exc:
-        results.put(repr(exc))
-
-
-class TestStoreErrors:
-    @pytest.mark.parametrize(
-        "url",
-        [
-            "sqlite://",
-            "sqlite:///:memory:",
-            "mysql://localhost/db",
-            "futures.db",
-            "sqlite:///f.db?mode=ro",
-        ],
-    )
-    def test_a_malformed_store_url(self, url):
-        with pytest.raises(ValueError, match=r"EXECUTOR_FUTURES_STORE=.* is not a futures store"):
-            Executor(make_app(EXECUTOR_FUTURES_STORE=url))
-
-    def test_a_missing_folder(self, tmp_path):
-        url = f"sqlite:///{tmp_path}/missing/futures.db"
-        with pytest.raises(ValueError, match=r"SQLite futures store .* is in a missing folder"):
-            Executor(make_app(EXECUTOR_FUTURES_STORE=url))
-
-    def test_a_relative_path_lives_under_the_instance_path(self, tmp_path):
-        app = Flask("relative", instance_path=str(tmp_path / "instance"))
-        app.config.update(EXECUTOR_FUTURES_STORE="sqlite:///futures.db", SECRET_KEY="s")
-        executor = Executor(app)
-        assert (tmp_path / "instance" / "futures.db").exists()
-        executor.shutdown()
-
-    def test_a_link_to_a_network_filesystem_is_refused(self, tmp_path, monkeypatch):
-        table, share = tmp_path / "mounts", tmp_path / "share"
-        share.mkdir()
-        (tmp_path / "link").symlink_to(share)
-        table.write_text(f"/dev/sda1 / ext4 rw 0 0\nserver:/export {share} nfs4 rw 0 0\n")
-        real = flask_executor._filesystem
-        monkeypatch.setattr(flask_executor, "_filesystem", lambda f: real(f, str(table)))
-        with pytest.raises(ValueError, match=r"is on a nfs4 filesystem"):
-            Executor(make_app(EXECUTOR_FUTURES_STORE=f"sqlite:///{tmp_path}/link/f.db"))
-
-    @pytest.mark.parametrize("kind", ["nfs4", "cifs", "fuse.sshfs"])
-    def test_a_network_filesystem_is_refused(self, tmp_path, monkeypatch, kind):
-        table = tmp_path / "mounts"
-        table.write_text(f"/dev/sda1 / ext4 rw 0 0\nserver:/export {tmp_path} {kind} rw 0 0\n")
-        assert flask_executor._filesystem(str(tmp_path / "sub"), str(table)) == kind
-        assert flask_executor._filesystem("/usr", str(table)) == "ext4"
-        real = flask_executor._filesystem
-        monkeypatch.setattr(flask_executor, "_filesystem", lambda f: real(f, str(table)))
-        with pytest.raises(ValueError, match=rf"is on a {kind} filesystem.* use redis://"):
-            Executor(make_app(EXECUTOR_FUTURES_STORE=f"sqlite:///{tmp_path}/f.db"))
-
-    def test_the_redis_package_missing(self, monkeypatch):
-        monkeypatch.setitem(sys.modules, "redis", None)
-        with pytest.raises(ImportError, match="needs the redis package: pip install redis"):
-            Executor(make_app(EXECUTOR_FUTURES_STORE="redis://127.0.0.1:1/0"))
-
-    def test_a_malformed_redis_url_names_the_key(self):
-        pytest.importorskip("redis")
-        with pytest.raises(ValueError, match=r"EXECUTOR_FUTURES_STORE='redis://127.0.0.1:x/0': "):
-            Executor(make_app(EXECUTOR_FUTURES_STORE="redis://127.0.0.1:x/0"))
-
-    def test_a_folder_given_as_the_sqlite_file(self, tmp_path):
-        with pytest.raises(ValueError, match=r"SQLite futures store .* is a folder"):
-            Executor(make_app(EXECUTOR_FUTURES_STORE=f"sqlite:///{tmp_path}"))
-
-    def test_redis_unreachable(self):
-        pytest.importorskip("redis")
-        url = f"redis://127.0.0.1:{free_port()}/0"
-        with pytest.raises(ConnectionError, match=f"cannot reach the Redis futures store '{url}'"):
-            Executor(make_app(EXECUTOR_FUTURES_STORE=url))
 
 
 # -- 5. The extension ---------------------------------------------------------------
@@ -2159,763 +1249,7 @@ def test_vendored_copy_beside_installed_copy(tmp_path):
     assert out.stdout.strip() == "ok"
 
 
-# -- gevent backend -------------------------------------------------------------------
-
-
-def run_script(script: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
-    """Run a Python script in a fresh interpreter (monkey-patching stays in there)."""
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script)],
-        env={**os.environ, "PYTHONPATH": str(HERE), **env},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=HERE,
-    )
-
-
-class TestGevent:
-    @pytest.fixture(autouse=True)
-    def _gevent(self):
-        pytest.importorskip("gevent")
-
-    def test_gevent_future_lock(self):
-        """A gevent future's lock is entered in C (an RLock subclass); every reader still
-        works: a plain thread blocked in result(), cf.wait and cf.as_completed."""
-        import _thread
-
-        future = flask_executor._GeventFuture()
-        assert isinstance(future._condition, _thread.RLock), "fell back to threading.Condition"
-        future._hub = object()  # not this thread's hub: result() blocks the thread
-        got: list[object] = []
-        reader = threading.Thread(target=lambda: got.append(future.result(TIMEOUT)))
-        reader.start()
-        deadline = time.monotonic() + TIMEOUT
-        while future._condition._waits is None and time.monotonic() < deadline:
-            time.sleep(0.001)  # until the reader waits on the condition
-        assert future.set_running_or_notify_cancel()
-        future.set_result(7)
-        reader.join(TIMEOUT)
-        assert got == [7]
-        assert cf.wait([future], timeout=TIMEOUT).done == {future}
-        assert list(cf.as_completed([future], timeout=TIMEOUT)) == [future]
-
-    def test_import_does_not_import_gevent(self):
-        out = run_script(
-            """
-            import sys, flask_executor
-            assert not any(m.split(".")[0] == "gevent" for m in sys.modules), "gevent imported"
-            print("ok")
-            """
-        )
-        assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
-
-    def test_missing_gevent_says_which_extra(self, monkeypatch):
-        monkeypatch.setitem(sys.modules, "gevent", None)
-        monkeypatch.setitem(sys.modules, "gevent.pool", None)
-        with pytest.raises(ImportError, match=r"needs gevent: pip install gevent"):
-            Executor(make_app(EXECUTOR_TYPE="gevent"))
-
-    def test_submit_never_blocks_and_waiting_tasks_run_in_order(self, make_executor):
-        import gevent
-        import gevent.event
-
-        app, executor = make_executor(EXECUTOR_TYPE="gevent", EXECUTOR_MAX_WORKERS=2)
-        release = gevent.event.Event()
-        order: list[int] = []
-
-        def task(n: int) -> int:
-            order.append(n)
-            release.wait()
-            return n
-
-        with app.app_context():
-            futures = [executor.submit(task, n) for n in range(50)]
-            assert order == []  # submit never yielded to the hub, though both slots are busy
-            gevent.sleep(0)
-            assert order == [0, 1]
-            release.set()
-            assert [f.result(TIMEOUT) for f in futures] == list(range(50))
-        assert order == list(range(50))
-
-    def test_cancel_before_start(self, make_executor):
-        import gevent.event
-
-        app, executor = make_executor(EXECUTOR_TYPE="gevent", EXECUTOR_MAX_WORKERS=1)
-        release = gevent.event.Event()
-        ran: list[str] = []
-        with app.app_context():
-            first = executor.submit(lambda: release.wait(TIMEOUT))
-            second = executor.submit(ran.append, "second")
-            third = executor.submit(ran.append, "third")
-            assert second.cancel() and second.cancelled()
-            release.set()
-            assert first.result(TIMEOUT) is True and third.result(TIMEOUT) is None
-        assert ran == ["third"]
-
-    def test_cancel_spawned_but_not_started(self, make_executor):
-        app, executor = make_executor(EXECUTOR_TYPE="gevent")  # unbounded: spawned at once
-        ran: list[int] = []
-        with app.app_context():
-            future = executor.submit(ran.append, 1)
-            assert future.cancel()
-            executor.shutdown(wait=True)
-        assert ran == [] and future.cancelled()
-
-    def test_shutdown_waits_for_every_accepted_task(self, make_executor):
-        import gevent
-
-        app, executor = make_executor(EXECUTOR_TYPE="gevent", EXECUTOR_MAX_WORKERS=10)
-        ran: list[int] = []
-
-        def task(n: int) -> None:
-            gevent.sleep(0)
-            ran.append(n)
-
-        with app.app_context():
-            for n in range(3000):
-                executor.submit(task, n)
-            executor.shutdown(wait=True)
-        assert sorted(ran) == list(range(3000))
-        with app.app_context(), pytest.raises(RuntimeError, match="after shutdown"):
-            executor.submit(task, 0)
-
-    def test_shutdown_cancel_futures(self, make_executor):
-        import gevent.event
-
-        app, executor = make_executor(EXECUTOR_TYPE="gevent", EXECUTOR_MAX_WORKERS=1)
-        release = gevent.event.Event()
-        with app.app_context():
-            running = executor.submit(lambda: release.wait(TIMEOUT))
-            gevent.sleep(0)
-            waiting = [executor.submit(square, n) for n in range(5)]
-            release.set()
-            executor.shutdown(wait=True, cancel_futures=True)
-        assert running.result(0) is True
-        assert all(f.cancelled() for f in waiting)
-
-    def test_result_timeout_and_exceptions(self, make_executor, caplog):
-        import gevent.event
-
-        app, executor = make_executor(EXECUTOR_TYPE="gevent", EXECUTOR_PROPAGATE_EXCEPTIONS=True)
-        with app.app_context():
-            release = gevent.event.Event()
-            slow = executor.submit(release.wait, TIMEOUT)
-            with pytest.raises(cf.TimeoutError):
-                slow.result(timeout=0.05)
-            release.set()
-            assert slow.result(TIMEOUT) is True
-            with pytest.raises(ValueError, match="green"):
-                executor.submit(fail, "green").result(TIMEOUT)
-            assert isinstance(executor.submit(fail, "x").exception(TIMEOUT), ValueError)
-            assert executor.submit(square, 5).result(TIMEOUT) == 25
-        assert "background task" in caplog.text and "Traceback" in caplog.text
-
-    def test_job_and_submit_stored(self, make_executor):
-        app, executor = make_executor(EXECUTOR_TYPE="gevent")
-
-        @executor.job
-        def greet(name: str) -> str:
-            return f"hi {name} from {request.args['via']}"
-
-        with app.test_request_context("/?via=job"):
-            assert greet.submit("ann").result(TIMEOUT) == "hi ann from job"
-            assert list(greet.map(["a", "b"], timeout=TIMEOUT)) == [
-                "hi a from job",
-                "hi b from job",
-            ]
-            greet.submit_stored("g1", "cy").result(TIMEOUT)
-            assert executor.futures.done("g1") and executor.futures.pop("g1").result() == (
-                "hi cy from job"
-            )
-
-    def test_monkey_patched_thousands_of_waits_and_wait_helpers(self):
-        out = run_script(
-            """
-            from gevent import monkey; monkey.patch_all()
-            import concurrent.futures as cf, json, time
-            import gevent
-            from flask import Flask, g, request
-            from flask_executor import Executor
-
-            app = Flask("patched")
-            app.config.update(EXECUTOR_TYPE="gevent", EXECUTOR_FUTURES_MAX_LENGTH=None)
-            executor = Executor(app)
-
-            def io_task(n):
-                time.sleep(0.5)  # patched: a cooperative wait
-                return n, request.args["who"], g.who
-
-            with app.test_request_context("/?who=patched"):
-                g.who = "g-patched"
-                start = time.monotonic()
-                futures = [executor.submit(io_task, n) for n in range(3000)]
-                done, not_done = cf.wait(futures, timeout=60)
-                elapsed = time.monotonic() - start
-                results = [f.result() for f in futures]
-                completed = sum(1 for _ in cf.as_completed(futures, timeout=10))
-            wrong = [r for n, r in enumerate(results) if r != (n, "patched", "g-patched")]
-            print(json.dumps({"done": len(done), "elapsed": elapsed, "wrong": len(wrong),
-                              "as_completed": completed}))
-            """
-        )
-        assert out.returncode == 0, out.stderr
-        report = json.loads(out.stdout)
-        assert report["done"] == 3000 and report["wrong"] == 0 and report["as_completed"] == 3000
-        # 3000 waits of 0.5 s, one after another, would take 25 minutes: they overlapped.
-        assert report["elapsed"] < 30
-
-    def test_not_patched_result_from_main_greenlet(self):
-        out = run_script(
-            """
-            import gevent
-            from flask import Flask
-            from flask_executor import Executor
-
-            app = Flask("plain")
-            app.config["EXECUTOR_TYPE"] = "gevent"
-            executor = Executor(app)
-            with app.app_context():
-                future = executor.submit(lambda: gevent.sleep(0.1) or "slept")
-                print(future.result(timeout=10), executor.submit(sum, [1, 2]).exception(10))
-            """
-        )
-        assert out.returncode == 0, out.stderr
-        assert out.stdout.split() == ["slept", "None"]
-
-
-# -- real servers: gunicorn (gevent and gthread workers) and gevent's pywsgi ------------------
-
-
-def server_app() -> Flask:
-    """The app the real-server tests serve; EXECUTOR_* come from the environment."""
-    app = Flask("served")
-    app.secret_key = "served"
-    executor = Executor(app)
-
-    def report(wait: float) -> dict[str, object]:
-        time.sleep(wait)  # cooperative under gevent's monkey-patching
-        return {"arg": request.args["id"], "g": g.rid, "session": session["rid"]}
-
-    @app.route("/start")
-    def start() -> str:
-        g.rid = session["rid"] = request.args["id"]
-        executor.submit_stored(request.args["id"], report, float(request.args["wait"]))
-        return "started"
-
-    @app.route("/result")
-    def result() -> dict[str, object]:
-        key = request.args["id"]
-        if not executor.futures.done(key):
-            return {"state": executor.futures._state(key)}
-        return {"state": "FINISHED", "seen": executor.futures.pop(key).result()}
-
-    return app
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def http_get(url: str) -> dict | str:
-    with urllib.request.urlopen(url, timeout=TIMEOUT) as response:
-        body = response.read().decode()
-    return json.loads(body) if body.startswith("{") else body
-
-
-class Server:
-    """A server subprocess on 127.0.0.1, waited for, and always stopped."""
-
-    def __init__(self, argv: list[str], port: int, **env: str) -> None:
-        self.base = f"http://127.0.0.1:{port}"
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="server-", suffix=".log")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            argv,
-            cwd=HERE,
-            env={**os.environ, "PYTHONPATH": str(HERE), **env},
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: stop() ends whatever it forked
-        )
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    return
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"server did not start: {self.output()}") from None
-                time.sleep(0.1)
-
-    def output(self) -> str:
-        self.log.seek(0)
-        return self.log.read()
-
-    def stop(self) -> None:
-        """SIGTERM the server, then SIGKILL its whole process group (workers, pools)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(20)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(20)
-
-
-def drive(base: str, requests: int, wait: float) -> dict[str, int]:
-    """Start one stored task per request, concurrently; poll until all are done."""
-    with cf.ThreadPoolExecutor(50) as clients:
-        started = list(
-            clients.map(lambda n: http_get(f"{base}/start?id={n}&wait={wait}"), range(requests))
-        )
-        assert started == ["started"] * requests
-        seen: dict[int, dict] = {}
-        deadline = time.monotonic() + 120
-        while len(seen) < requests and time.monotonic() < deadline:
-            pending = [n for n in range(requests) if n not in seen]
-            for n, reply in zip(
-                pending,
-                clients.map(lambda n: http_get(f"{base}/result?id={n}"), pending),
-                strict=True,
-            ):
-                if reply["state"] == "FINISHED":
-                    seen[n] = reply["seen"]
-            time.sleep(0.05)
-    mismatches = sum(
-        1 for n, got in seen.items() if got != {"arg": str(n), "g": str(n), "session": str(n)}
-    )
-    return {"finished": len(seen), "mismatches": mismatches}
-
-
-SERVED = {"EXECUTOR_FUTURES_MAX_LENGTH": "10000"}
-
-
-@pytest.mark.parametrize(("worker", "executor_type"), [("gevent", "gevent"), ("gthread", "thread")])
-def test_gunicorn_concurrent_requests_see_only_their_own_data(worker, executor_type):
-    pytest.importorskip("gunicorn")
-    if worker == "gevent":
-        pytest.importorskip("gevent")
-    port = free_port()
-    argv = [sys.executable, "-m", "gunicorn", "-k", worker, "-w", "1", "--threads", "8",
-            "--worker-connections", "1000", "-b", f"127.0.0.1:{port}",
-            "test_flask_executor:server_app()"]  # fmt: skip
-    server = Server(argv, port, EXECUTOR_TYPE=executor_type, EXECUTOR_MAX_WORKERS="32", **SERVED)
-    try:
-        assert drive(server.base, requests=300, wait=0.2) == {"finished": 300, "mismatches": 0}
-    finally:
-        server.stop()
-
-
-def test_pywsgi_concurrent_requests_see_only_their_own_data():
-    pytest.importorskip("gevent")
-    port = free_port()
-    script = f"""
-        from gevent import monkey; monkey.patch_all()
-        from gevent.pywsgi import WSGIServer
-        from test_flask_executor import server_app
-        WSGIServer(("127.0.0.1", {port}), server_app(), log=None).serve_forever()
-    """
-    argv = [sys.executable, "-c", textwrap.dedent(script)]
-    server = Server(argv, port, EXECUTOR_TYPE="gevent", **SERVED)
-    try:
-        assert drive(server.base, requests=300, wait=0.2) == {"finished": 300, "mismatches": 0}
-    finally:
-        server.stop()
-
-
-# -- forks: gunicorn --preload, os.fork(), process workers: no data crosses ------------------
-
-MARK = "as imported"  # a test changes it: a forked worker sees the change, a spawned one not
-
-
-def read_mark() -> str:
-    return MARK
-
-
-def request_seen_in_process() -> tuple[bool, bool, str]:
-    """What a process task sees of Flask: it must be no context at all."""
-    from flask import has_app_context, has_request_context
-
-    try:
-        seen = f"{request.path}?{request.query_string.decode()}"
-    except RuntimeError as exc:
-        seen = str(exc)
-    return has_request_context(), has_app_context(), seen
-
-
-NESTED_APP = Flask("nested")
-NESTED_APP.config.update(EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=1)
-NESTED = Executor(NESTED_APP, name="nested")
-
-
-def square_via_own_executor(x: int) -> int:
-    return NESTED.submit(square, x).result(TIMEOUT)
-
-
-START_METHODS = ["spawn", "forkserver", "fork"]
-
-
-class TestForks:
-    @pytest.mark.parametrize("method", START_METHODS)
-    def test_process_tasks_see_no_request_whatever_the_start_method(self, make_executor, method):
-        app, executor = make_executor(
-            EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=1, EXECUTOR_START_METHOD=method
-        )
-        for user in ["alice", "bob", "carol"]:  # alice's request is active when workers start
-            with app.test_request_context(f"/me?user={user}"):
-                seen = executor.submit(request_seen_in_process).result(TIMEOUT)
-            assert seen == (False, False, seen[2]), seen
-            assert "outside of request context" in seen[2], seen
-
-    @pytest.mark.parametrize("method", START_METHODS)
-    def test_start_method_is_the_one_configured(self, make_executor, monkeypatch, method):
-        monkeypatch.setattr(sys.modules[__name__], "MARK", "changed in the web process")
-        app, executor = make_executor(EXECUTOR_TYPE="process", EXECUTOR_START_METHOD=method)
-        with app.app_context():
-            mark = executor.submit(read_mark).result(TIMEOUT)
-        assert mark == ("changed in the web process" if method == "fork" else "as imported")
-
-    def test_default_start_method_is_spawn(self, make_executor, monkeypatch):
-        monkeypatch.setattr(sys.modules[__name__], "MARK", "changed in the web process")
-        app, executor = make_executor(EXECUTOR_TYPE="process")
-        assert app.config["EXECUTOR_START_METHOD"] == "spawn"
-        with app.app_context():
-            assert executor.submit(read_mark).result(TIMEOUT) == "as imported"
-
-    def test_bad_start_method_names_the_key(self):
-        with pytest.raises(ValueError, match=r"EXECUTOR_START_METHOD='vfork' is not a start"):
-            Executor(make_app(EXECUTOR_TYPE="process", EXECUTOR_START_METHOD="vfork"))
-
-    @pytest.mark.parametrize("method", ["spawn", "fork"])
-    def test_process_task_can_submit_to_its_own_executor(self, executors, method):
-        NESTED_APP.config["NESTED_EXECUTOR_START_METHOD"] = method
-        outer = Executor(make_app(EXECUTOR_TYPE="process", EXECUTOR_START_METHOD=method))
-        executors.append(outer)
-        with NESTED_APP.app_context():  # NESTED's pool in this process is started first
-            assert NESTED.submit(square, 2).result(TIMEOUT) == 4
-        futures = [outer.submit(square_via_own_executor, n) for n in range(4)]
-        assert [f.result(TIMEOUT) for f in futures] == [0, 1, 4, 9]
-
-    @pytest.mark.parametrize(
-        ("backend", "method"),
-        [("thread", "fork"), ("process", "fork"), ("process", "forkserver"), ("gevent", "fork")],
-    )
-    @pytest.mark.parametrize("warm", [True, False], ids=["warm", "cold"])
-    def test_os_fork_children_get_their_own_pool_and_futures(self, backend, method, warm):
-        if backend == "gevent":
-            pytest.importorskip("gevent")
-        out = run_script(
-            f"""
-            import gc, json, os, signal, sys
-            from flask import Flask
-            from flask_executor import Executor
-            from test_flask_executor import add, fail, settle, square
-
-            app = Flask("forked")
-            app.config.update(EXECUTOR_TYPE={backend!r}, EXECUTOR_MAX_WORKERS=2,
-                              EXECUTOR_START_METHOD={method!r})
-            executor = Executor(app)
-            if {warm}:  # pools, threads and processes started before the fork
-                with app.app_context():
-                    assert executor.submit(square, 3).result(30) == 9
-                    executor.submit_stored("parent", square, 4).result(30)
-                    settle(executor.submit_stored("parent-fail", fail, "the parent's to read"))
-            children = []
-            for child in (1, 2):
-                pid = os.fork()
-                if pid == 0:
-                    signal.alarm(60)
-                    with app.app_context():
-                        got = [executor.submit(add, n, 1000 * child).result(30) for n in range(20)]
-                        ok = got == [n + 1000 * child for n in range(20)]
-                        own = executor.futures.done("parent") is None
-                    gc.collect()  # the parent's futures, dropped here, are not logged here
-                    line = json.dumps({{"child": child, "ok": ok, "parent_key_gone": own}})
-                    os.write(1, (line + "\\n").encode())  # one write: lines never interleave
-                    os._exit(0)
-                children.append(pid)
-            for pid in children:
-                assert os.waitpid(pid, 0)[1] == 0
-            with app.app_context():  # and the parent's own pool still serves it
-                assert executor.submit(add, 1, 1).result(30) == 2
-                if {warm}:
-                    assert isinstance(executor.futures.pop("parent-fail").exception(), ValueError)
-            executor.shutdown()
-            print("parent ok")
-            """
-        )
-        assert out.returncode == 0, out.stderr
-        assert "never retrieved" not in out.stderr, out.stderr
-        lines = out.stdout.split("\n")
-        results = sorted(json.loads(line)["child"] for line in lines if line.startswith("{"))
-        assert results == [1, 2], out.stdout + out.stderr
-        assert all(
-            json.loads(line) | {"child": 0} == {"child": 0, "ok": True, "parent_key_gone": True}
-            for line in lines
-            if line.startswith("{")
-        ), out.stdout
-        assert "parent ok" in out.stdout
-
-
-@pytest.mark.parametrize("method", START_METHODS)
-def test_pool_workers_exit_when_their_owner_is_killed(method, tmp_path):
-    pids_file = tmp_path / "pids"
-    owner = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(f"""
-            import os, signal
-            from flask import Flask
-            from flask_executor import Executor
-            from test_flask_executor import worker_pid
-
-            app = Flask("owner")
-            app.config.update(EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=2,
-                              EXECUTOR_START_METHOD={method!r})
-            executor = Executor(app)
-            pids = {{executor.submit(worker_pid).result(30) for _ in range(8)}}
-            open({str(pids_file)!r}, "w").write(" ".join(map(str, pids)))
-            os.kill(os.getpid(), signal.SIGKILL)  # as gunicorn kills a worker on --timeout
-        """)],
-        cwd=HERE, env={**os.environ, "PYTHONPATH": str(HERE)}, start_new_session=True,
-    )  # fmt: skip
-    try:
-        assert owner.wait(TIMEOUT) == -signal.SIGKILL
-        pids = [int(pid) for pid in pids_file.read_text().split()]
-        deadline = time.monotonic() + TIMEOUT
-        while (alive := [pid for pid in pids if is_running(pid)]) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert alive == [], f"worker processes outlived their owner: {alive}"
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(owner.pid, signal.SIGKILL)
-
-
-def is_running(pid: int) -> bool:
-    """Whether a process exists and is not a zombie (an orphan is reaped by init)."""
-    try:
-        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return False
-
-
-def test_shutdown_before_a_fork_holds_in_the_child():
-    out = run_script(
-        """
-        import os
-        from flask import Flask
-        from flask_executor import Executor
-        from test_flask_executor import square
-
-        app = Flask("shut")
-        executor = Executor(app)
-        executor.shutdown()
-        pid = os.fork()
-        if pid == 0:
-            try:
-                executor.submit(square, 2)
-                os._exit(1)  # accepted: wrong
-            except RuntimeError as exc:
-                os._exit(0 if "after shutdown" in str(exc) else 2)
-        assert os.waitpid(pid, 0)[1] == 0, "the child accepted a task after shutdown()"
-        print("ok")
-        """
-    )
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
-
-
-def echo_in_process(n: str) -> tuple[str, int]:
-    time.sleep(0.02)  # long enough that requests overlap and spread over the workers
-    return n, os.getpid()
-
-
-def echo_in_task() -> tuple[str, int]:
-    time.sleep(0.02)  # cooperative under gevent's monkey-patching
-    return f"{request.args['id']}/{g.rid}", os.getpid()
-
-
-def preload_app() -> Flask:
-    """The app the --preload tests serve: built in gunicorn's master, then forked."""
-    app = Flask("preloaded")
-    executor = Executor(app)  # EXECUTOR_* from the environment
-    process = app.config["EXECUTOR_TYPE"] == "process"
-    if os.environ.get("WARM_UP"):  # a task run in the master before it forks its workers
-        with app.app_context():
-            assert executor.submit(square, 3).result(TIMEOUT) == 9
-            executor.submit_stored("master", square, 4).result(TIMEOUT)
-
-    @app.route("/task")
-    def task() -> dict[str, object]:
-        g.rid = n = request.args["id"]
-        future = executor.submit(echo_in_process, n) if process else executor.submit(echo_in_task)
-        got, pid = future.result(TIMEOUT)
-        leaked = executor.futures.done("master")
-        return {"got": got, "task_pid": pid, "worker": os.getpid(), "master_key": leaked}
-
-    return app
-
-
-@pytest.mark.parametrize("warm", [True, False], ids=["warm", "cold"])
-@pytest.mark.parametrize(
-    ("worker", "executor_type"), [("sync", "process"), ("gthread", "thread"), ("gevent", "gevent")]
-)
-def test_gunicorn_preload_every_result_is_its_own_request(worker, executor_type, warm):
-    pytest.importorskip("gunicorn")
-    if worker == "gevent":
-        pytest.importorskip("gevent")
-    port = free_port()
-    argv = [sys.executable, "-m", "gunicorn", "--preload", "-k", worker, "-w", "4",
-            "--threads", "2", "--worker-connections", "2", "-b", f"127.0.0.1:{port}",
-            "test_flask_executor:preload_app()"]  # fmt: skip
-    env = {"EXECUTOR_TYPE": executor_type, "EXECUTOR_MAX_WORKERS": "2"}
-    server = Server(argv, port, **env, **({"WARM_UP": "1"} if warm else {}))
-    try:
-        with cf.ThreadPoolExecutor(8) as clients:
-            replies = list(
-                clients.map(lambda n: http_get(f"{server.base}/task?id={n}"), range(200))
-            )
-    finally:
-        server.stop()
-    expected = [(str(n) if executor_type == "process" else f"{n}/{n}") for n in range(200)]
-    assert [reply["got"] for reply in replies] == expected
-    assert all(reply["master_key"] is None for reply in replies)  # the master's futures stay there
-    assert len({reply["worker"] for reply in replies}) >= 2  # served by several workers
-    if executor_type == "process":  # tasks ran in each worker's own pool, never the master's
-        assert all(reply["task_pid"] != reply["worker"] for reply in replies)
-
-
-# -- several worker processes: stored futures shared through SQLite and Redis ---------------
-
-
-def echo_key(key: str, wait: float) -> dict[str, object]:
-    time.sleep(wait)  # cooperative under gevent's monkey-patching
-    return {"key": key, "pid": os.getpid()}
-
-
-def stored_app() -> Flask:
-    """The app the shared-store tests serve; EXECUTOR_* (the store too) from the environment."""
-    app = Flask("stored")
-    app.secret_key = "stored"
-    executor = Executor(app)
-
-    @app.route("/submit")
-    def submit() -> dict[str, object]:
-        key, args = request.args["key"], request.args
-        task = (wait_for, args["block"], 600) if "block" in args else (echo_key, key, 0.05)
-        if "until_stopped" in args:
-            task = (write_until_stopped, args["until_stopped"])
-        try:
-            executor.submit_stored(key, *task)
-        except ValueError:
-            return {"refused": True, "pid": os.getpid()}
-        return {"refused": False, "pid": os.getpid()}
-
-    @app.route("/poll")
-    def poll() -> dict[str, object]:
-        return {"done": executor.futures.done(request.args["key"]), "pid": os.getpid()}
-
-    @app.route("/cancel", methods=["POST"])
-    def cancel() -> dict[str, object]:
-        return {"cancelled": executor.futures.cancel(request.form["key"]), "pid": os.getpid()}
-
-    @app.route("/pop")
-    def pop() -> dict[str, object]:
-        future = executor.futures.pop(request.args["key"])
-        if future is None:
-            return {"popped": False, "pid": os.getpid()}
-        try:
-            return {"popped": True, "result": future.result(TIMEOUT), "pid": os.getpid()}
-        except Exception as exc:
-            return {"popped": True, "error": f"{type(exc).__name__}: {exc}", "pid": os.getpid()}
-
-    return app
-
-
-@pytest.mark.parametrize(
-    ("worker", "executor_type", "store", "preload"),
-    [
-        ("gthread", "thread", "sqlite", False),
-        ("gevent", "gevent", "sqlite", False),
-        ("gthread", "thread", "sqlite", True),
-        ("sync", "process", "sqlite", True),
-        ("gthread", "thread", "redis", False),
-        ("gevent", "gevent", "redis", True),
-    ],
-)
-def test_gunicorn_workers_share_stored_futures(worker, executor_type, store, preload, tmp_path,
-                                               request):  # fmt: skip
-    pytest.importorskip("gunicorn")
-    if worker == "gevent":
-        pytest.importorskip("gevent")
-    if store == "redis":
-        url = request.getfixturevalue("redis_server")
-        import redis
-
-        redis.Redis.from_url(url).flushall()
-    else:
-        url = f"sqlite:///{tmp_path}/futures.db"
-    port = free_port()
-    argv = [sys.executable, "-m", "gunicorn", "-k", worker, "-w", "4", "--threads", "4",
-            "-b", f"127.0.0.1:{port}", *(["--preload"] if preload else []),
-            "test_flask_executor:stored_app()"]  # fmt: skip
-    env = {"EXECUTOR_TYPE": executor_type, "EXECUTOR_FUTURES_STORE": url,
-           "EXECUTOR_FUTURES_MAX_LENGTH": "1000", "EXECUTOR_MAX_WORKERS": "4"}  # fmt: skip
-    server = Server(argv, port, **env)
-    get = functools.partial(lambda base, path: http_get(base + path), server.base)
-    try:
-        keys = [f"k{n}" for n in range(40)]
-        with cf.ThreadPoolExecutor(8) as clients:
-            owners = dict(
-                zip(keys, clients.map(lambda k: get(f"/submit?key={k}"), keys), strict=True)
-            )
-            assert not any(reply["refused"] for reply in owners.values())
-            polls: list[tuple[str, dict]] = []
-            pending, deadline = set(keys), time.monotonic() + 60
-            while pending and time.monotonic() < deadline:
-                waiting = sorted(pending)
-                for key, reply in zip(
-                    waiting, clients.map(lambda k: get(f"/poll?key={k}"), waiting), strict=True
-                ):
-                    polls.append((key, reply))
-                    if reply["done"]:
-                        pending.discard(key)
-            assert not pending
-            more = 0  # one worker may take every connection for a while: poll on, bounded
-            while len({reply["pid"] for _, reply in polls}) < 2 and more < 400:
-                polls += zip(keys, clients.map(lambda k: get(f"/poll?key={k}"), keys), strict=True)
-                more += len(keys)
-            assert all(reply["done"] is not None for _, reply in polls)  # no poll missed its key
-            assert len({reply["pid"] for _, reply in polls}) >= 2
-            assert any(reply["pid"] != owners[key]["pid"] for key, reply in polls)
-
-            pops = list(clients.map(lambda k: (k, get(f"/pop?key={k}")), keys * 2))
-            for key in keys:  # popped twice at once: exactly one pop wins, with the result
-                won = [reply for k, reply in pops if k == key and reply["popped"]]
-                assert len(won) == 1 and won[0]["result"]["key"] == key
-                task_pid = won[0]["result"]["pid"]
-                if executor_type == "process":
-                    assert task_pid != owners[key]["pid"]
-                else:
-                    assert task_pid == owners[key]["pid"]  # ran in the worker that took it
-
-            first = get("/submit?key=dup")
-            dups = list(clients.map(lambda _: get("/submit?key=dup"), range(12)))
-            assert not first["refused"] and all(reply["refused"] for reply in dups)
-            assert any(reply["pid"] != first["pid"] for reply in dups)  # refused elsewhere too
-
-        owner = get(f"/submit?key=blocked&block={tmp_path}/never")["pid"]
-        assert get("/poll?key=blocked")["done"] is False
-        os.kill(owner, signal.SIGKILL)
-        wait_until(lambda: get("/poll?key=blocked")["done"], timeout=10)
-        lost = get("/pop?key=blocked")
-        assert lost["popped"] and lost["error"].startswith("BrokenExecutor:")
-        assert f"/{owner}:" in lost["error"] and "is gone" in lost["error"]
-    finally:
-        server.stop()
-
-
-# -- time limits and stopping one running task (EXECUTOR_TIMEOUT, future.cancel()) ----------
+# -- 7. Time limits and stopping one running task (EXECUTOR_TIMEOUT, future.cancel()) ---
 
 
 def nap(seconds: float) -> None:
@@ -3746,6 +2080,1675 @@ def test_limits_and_cancel_under_gevent_monkey_patching():
         """
     )
     assert result.stdout.strip() == "ok", result.stderr
+
+
+# -- 8. Shared stores: SQLite and Redis (EXECUTOR_FUTURES_STORE) ---------------------
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A real redis-server on 127.0.0.1 for the whole run, stopped at the end."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is not installed: .ci/run installs it with apt-get")
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    pytest.importorskip("redis")
+    port = free_port()
+    folder = tmp_path_factory.mktemp("redis")
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--dir", str(folder)]  # fmt: skip
+    server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "no redis-server"
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)
+        server.wait(TIMEOUT)
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store_url(request, tmp_path):
+    """A fresh shared store's URL: a new SQLite file, or the Redis server emptied."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/futures.db"  # sqlite:////abs/path: an absolute path
+    url = request.getfixturevalue("redis_server")
+    import redis
+
+    redis.Redis.from_url(url).flushall()
+    return url
+
+
+def wait_until(check, timeout: float = TIMEOUT) -> None:
+    """Poll ``check()`` (a read of state another process, a store or a pool holds) until
+    true; under gevent, letting the hub run the greenlets meanwhile."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {check}"
+        gevent = sys.modules.get("gevent")
+        (gevent.sleep if gevent is not None else time.sleep)(0.01)
+
+
+def wait_event(event_name: str) -> str:
+    """A thread task that blocks on a named module-level Event (set by the test)."""
+    STARTED.set()
+    EVENTS[event_name].wait(TIMEOUT)
+    return event_name
+
+
+STARTED = threading.Event()
+EVENTS: dict[str, threading.Event] = {}
+
+
+def start_blocked(executor: Executor, key: str) -> threading.Event:
+    """Store a thread task that blocks; return, once it runs, the Event that releases it."""
+    EVENTS[key] = release = threading.Event()
+    STARTED.clear()
+    executor.submit_stored(key, wait_event, key)
+    assert STARTED.wait(TIMEOUT)
+    return release
+
+
+class TestSharedStores:
+    @pytest.mark.parametrize("backend", ["thread", "process", "gevent"])
+    def test_reads_by_key_match_a_local_future(self, make_executor, store_url, backend):
+        if backend == "gevent":
+            pytest.importorskip("gevent")
+        app, executor = make_executor(EXECUTOR_TYPE=backend, EXECUTOR_FUTURES_STORE=store_url)
+        with app.app_context():
+            future = executor.submit_stored("k", square, 5)
+            assert future.result(TIMEOUT) == 25
+            futures = executor.futures
+            assert futures.result("k", timeout=TIMEOUT) == 25
+            assert futures.done("k") is True and futures._state("k") == "FINISHED"
+            assert futures.exception("k") is None
+            assert futures.running("k") is False and futures.cancelled("k") is False
+            assert futures["k"].result() == 25 and futures.get("k").done()
+            assert futures.keys() == ["k"] and list(futures) == ["k"] and len(futures) == 1
+            assert future in futures and futures.items()[0][0] == "k"
+            assert futures.get("k") in futures and cf.Future() not in futures
+            for read in ("done", "running", "cancelled", "_state", "result", "exception"):
+                assert getattr(futures, read)("missing") is None
+            assert futures.get("missing") is None and futures.pop("missing") is None
+            with pytest.raises(KeyError):
+                futures["missing"]
+            popped = futures.pop("k")
+            assert isinstance(popped, cf.Future) and popped.done() and popped.result() == 25
+            assert futures.pop("k") is None and len(futures) == 0 and futures.keys() == []
+            for n in range(30):  # once the submitter's future has its result, so does the store
+                executor.submit_stored(n, square, n).result(TIMEOUT)
+                assert futures.done(n) is True and futures.pop(n).result() == n * n
+
+    def test_add_keeps_any_future_in_the_store(self, make_executor, store_url):
+        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url)
+        with app.app_context():
+            future: cf.Future = cf.Future()
+            executor.futures.add("mine", future)
+            assert executor.futures.done("mine") is False and future in executor.futures
+            future.set_result([1, 2])
+            assert executor.futures.result("mine", timeout=TIMEOUT) == [1, 2]
+
+    def test_pop_of_a_running_task_resolves_when_it_finishes(self, make_executor, store_url):
+        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url)
+        with app.app_context():
+            release = start_blocked(executor, "r")
+            popped = executor.futures.pop("r")
+            assert popped.running() and executor.futures.get("r") is None
+            executor.submit_stored("r", square, 4)  # the key is free again at once
+            release.set()
+            assert popped.result(TIMEOUT) == "r"
+            assert executor.futures.result("r", timeout=TIMEOUT) == 16
+            assert executor.futures.store.keys() == ["s:r"]  # the new row holds the key
+
+    def test_a_view_keeps_reading_its_own_task_after_pop_and_reuse(self, make_executor, store_url):
+        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url, EXECUTOR_MAX_WORKERS=1)
+        EVENTS["reuse"] = release = threading.Event()
+        with app.app_context():
+            executor.submit_stored("k", str, "first").result(TIMEOUT)
+            view = executor.futures.get("k")
+            executor.futures.pop("k")
+            executor.submit_stored("k", str, "second").result(TIMEOUT)
+            assert view.result() == "first" and executor.futures.result("k") == "second"
+            blocker = executor.submit_stored("block", wait_event, "reuse")
+            executor.submit_stored("q", str, "old")
+            old = executor.futures.get("q")
+            executor.futures.pop("q")
+            new = executor.submit_stored("q", str, "new")
+            assert old.cancel() is True  # the popped task, still queued: not the new one
+            release.set()
+            assert new.result(TIMEOUT) == "new" and executor.futures.result("q") == "new"
+            assert old.cancelled() and blocker.result(TIMEOUT) == "reuse"
+
+    def test_a_reader_waiting_on_a_key_gets_its_result_though_another_pops_it(
+        self, make_executor, store_url
+    ):
+        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url)
+        with app.app_context():
+            release = start_blocked(executor, "w")
+            waiting = executor.futures.get("w")
+            reader = cf.ThreadPoolExecutor(1).submit(waiting.result, TIMEOUT)
+            popped = executor.futures.pop("w")  # popped while the reader waits
+            release.set()
+            assert reader.result(TIMEOUT) == "w" and popped.result(TIMEOUT) == "w"
+
+    def test_a_popped_running_future_is_not_dropped_by_the_bound(self, make_executor, store_url):
+        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url,
+                                      EXECUTOR_FUTURES_MAX_LENGTH=2)  # fmt: skip
+        with app.app_context():
+            release = start_blocked(executor, "r")
+            popped = executor.futures.pop("r")
+            for n in range(5):
+                executor.submit_stored(n, square, n).result(TIMEOUT)
+            assert len(executor.futures) == 2
+            release.set()
+            assert popped.result(TIMEOUT) == "r"
+
+    def test_an_outcome_the_store_failed_to_take_is_stored_again(
+        self, make_executor, store_url, monkeypatch
+    ):
+        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url)
+        store = executor.futures.store
+        failures = [ConnectionError("the store is away")]
+        real_finish = store.finish
+
+        def finish(token, outcome, wait):
+            if failures:
+                raise failures.pop()
+            return real_finish(token, outcome, wait)
+
+        monkeypatch.setattr(store, "finish", finish)
+        with app.app_context():
+            assert executor.submit_stored("k", square, 7).result(TIMEOUT) == 49  # not the error
+            assert executor.futures.result("k", timeout=TIMEOUT) == 49 and failures == []
+
+    def test_a_job_of_the_process_backend(self, executors, store_url):
+        app = make_app(JOBS_EXECUTOR_TYPE="process", JOBS_EXECUTOR_FUTURES_STORE=store_url)
+        job_executor.init_app(app)
+        executors.append(job_executor)
+        with app.app_context():
+            assert cube.submit_stored("job", 6).result(TIMEOUT) == 216
+            assert job_executor.futures.result("job", timeout=TIMEOUT) == 216
+
+    def test_a_failed_submit_leaves_the_key_free(self, make_executor, store_url):
+        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url)
+        with app.app_context():
+            executor.shutdown()
+            with pytest.raises(RuntimeError, match="after shutdown"):
+                executor.submit_stored("k", square, 1)
+            assert executor.futures.get("k") is None and executor.futures.keys() == []
+
+    def test_cancel_through_the_store_cancels_the_submitters_future(self, make_executor, store_url):
+        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url, EXECUTOR_MAX_WORKERS=1,
+                                      EXECUTOR_PROPAGATE_EXCEPTIONS=True)  # fmt: skip
+        EVENTS["local"] = release = threading.Event()
+        with app.app_context():
+            blocker = executor.submit_stored("a", wait_event, "local")
+            queued = executor.submit_stored("b", square, 2)
+            assert executor.futures.cancel("b") is True
+            release.set()
+            assert blocker.result(TIMEOUT) == "local"
+            cf.wait([queued], timeout=TIMEOUT)
+            assert queued.cancelled()
+
+    def test_a_replaced_file_is_opened_again_by_every_process(self, tmp_path):
+        url = f"sqlite:///{tmp_path}/futures.db"
+        first = Executor(make_app(EXECUTOR_FUTURES_STORE=url))
+        with first._apps[0]().app_context():
+            first.submit_stored("before", square, 1).result(TIMEOUT)
+            for name in ("futures.db", "futures.db-wal", "futures.db-shm"):
+                (tmp_path / name).unlink(missing_ok=True)
+            first.submit_stored("after", square, 2).result(TIMEOUT)
+            assert first.futures.keys() == ["after"]
+        second = Executor(make_app(EXECUTOR_FUTURES_STORE=url))  # as a new worker would
+        with second._apps[0]().app_context():
+            assert second.futures.keys() == ["after"] and second.futures.result("after") == 4
+        first.shutdown()
+        second.shutdown()
+
+    def test_a_store_unpickled_in_a_worker_opens_on_first_use(self, tmp_path):
+        dead = f"redis://127.0.0.1:{free_port()}/0"
+        pytest.importorskip("redis")
+        store = flask_executor._shared_store(flask_executor.RedisStore, dead, "ns", 15.0)
+        with pytest.raises(Exception, match=r"Connection refused|Error"):
+            store.read("s:k")  # the task that uses it fails, not the worker unpickling it
+        store = flask_executor._shared_store(flask_executor.SQLiteStore, str(tmp_path), "ns")
+        with pytest.raises(sqlite3.OperationalError):
+            store.read("s:k")
+
+    def test_the_process_pool_survives_a_store_gone_away(self, make_executor, tmp_path):
+        pytest.importorskip("redis")
+        port = free_port()
+        argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+        if shutil.which("redis-server") is None:
+            pytest.skip("redis-server is not installed")
+        server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, start_new_session=True)
+        try:
+            wait_until(lambda: subprocess.run(["redis-cli", "-p", str(port), "ping"],
+                                              capture_output=True).returncode == 0)  # fmt: skip
+            url = f"redis://127.0.0.1:{port}/0"
+            app, executor = make_executor(EXECUTOR_TYPE="process", EXECUTOR_FUTURES_STORE=url,
+                                          EXECUTOR_MAX_WORKERS=1)  # fmt: skip
+            with app.app_context():
+                assert executor.submit_stored("up", square, 2).result(TIMEOUT) == 4
+                server.kill()
+                server.wait(TIMEOUT)
+                plain = [executor.submit(square, n) for n in range(3)]
+                assert [f.result(TIMEOUT) for f in plain] == [0, 1, 4]  # no BrokenProcessPool
+        finally:
+            server.kill()
+            server.wait(TIMEOUT)
+
+    def test_a_key_in_use_is_refused_and_nothing_queued(self, make_executor, store_url, tmp_path):
+        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url)
+        log = str(tmp_path / "ran")
+        with app.app_context():
+            executor.submit_stored("dup", append_line, log, 1).result(TIMEOUT)
+            with pytest.raises(ValueError, match="'dup' already exists"):
+                executor.submit_stored("dup", append_line, log, 2)
+            executor.shutdown(wait=True)
+        assert Path(log).read_text() == "1\n"
+
+    def test_pending_running_cancel_and_timeout(self, make_executor, store_url):
+        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url, EXECUTOR_MAX_WORKERS=1)
+        EVENTS["release"] = release = threading.Event()
+        STARTED.clear()
+        with app.app_context():
+            running = executor.submit_stored("a", wait_event, "release")
+            queued = executor.submit_stored("b", square, 3)
+            assert STARTED.wait(TIMEOUT)
+            futures = executor.futures
+            assert futures.running("a") is True and futures._state("a") == "RUNNING"
+            assert futures.done("b") is False and futures._state("b") == "PENDING"
+            with pytest.raises(cf.TimeoutError, match=r"'a' did not finish within 0\.05 s"):
+                futures.result("a", timeout=0.05)
+            assert futures.cancel("b") is True and futures.cancel("b") is True
+            assert futures.cancelled("b") is True and futures.done("b") is True
+            view = futures.get("a")
+            seen: list[object] = []
+            view.add_done_callback(lambda f: seen.append(f.result()))
+            release.set()
+            assert futures.result("a", timeout=TIMEOUT) == "release"
+            assert view.done() and seen == ["release"]  # run by the read that saw it finish
+            with pytest.raises(cf.CancelledError):
+                queued.result(TIMEOUT)  # the local future: its task never ran
+            with pytest.raises(cf.CancelledError):
+                futures.result("b")
+            assert futures.cancel("a") is False and futures.pop("b").cancelled()
+            assert running.result() == "release"
+
+    @pytest.mark.parametrize("backend", BACKENDS)
+    def test_exception_comes_back_with_its_traceback_text(self, make_executor, store_url, backend):
+        app, executor = make_executor(EXECUTOR_TYPE=backend, EXECUTOR_FUTURES_STORE=store_url)
+        with app.app_context():
+            executor.submit_stored("e", fail, "boom")
+            exc = executor.futures.exception("e", timeout=TIMEOUT)
+            assert isinstance(exc, ValueError) and str(exc) == "boom"
+            assert "raise ValueError(message)" in str(exc.__cause__)
+            with pytest.raises(ValueError, match="boom"):
+                executor.futures.pop("e").result()
+
+    def test_what_cannot_be_pickled_reads_as_failed_naming_task_and_type(
+        self, make_executor, store_url
+    ):
+        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url)
+        with app.app_context():
+            local = executor.submit_stored("lock", return_lock)
+            executor.submit_stored("two", raise_needs_two_args)
+            with pytest.raises(TypeError, match=r"return_lock finished, but its lock result"):
+                executor.futures.result("lock", timeout=TIMEOUT)
+            with pytest.raises(TypeError, match=r"raise_needs_two_args .* its NeedsTwoArgs"):
+                executor.futures.result("two", timeout=TIMEOUT)
+            assert local.result() is not None  # the submitter's own future is not pickled
+
+    def test_int_keys_and_keys_a_store_cannot_keep(self, make_executor, store_url):
+        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url)
+        with app.app_context():
+            executor.submit_stored(7, square, 2).result(TIMEOUT)
+            executor.submit_stored("7", square, 3).result(TIMEOUT)
+            assert executor.futures.keys() == [7, "7"]
+            assert executor.futures.result(7) == 4 and executor.futures.result("7") == 9
+            with pytest.raises(TypeError, match=r"str or int keys, got \(1, 2\) .* str\(key\)"):
+                executor.submit_stored((1, 2), square, 1)
+            assert executor.futures.done((1, 2)) is None
+
+    def test_max_length_and_ttl_bound_the_store(self, make_executor, store_url, caplog):
+        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url, EXECUTOR_MAX_WORKERS=1,
+                                      EXECUTOR_FUTURES_MAX_LENGTH=3)  # fmt: skip
+        EVENTS["bound"] = release = threading.Event()
+        with app.app_context():
+            for n in range(5):
+                executor.submit_stored(n, square, n).result(TIMEOUT)
+            assert executor.futures.keys() == [2, 3, 4] and len(executor.futures) == 3
+            blockers = [executor.submit_stored(f"b{n}", wait_event, "bound") for n in range(4)]
+            assert executor.futures.keys() == ["b1", "b2", "b3"]
+            assert "dropped the stored future 'b0' while its task was still running" in caplog.text
+            release.set()
+            assert [b.result(TIMEOUT) for b in blockers] == ["bound"] * 4  # dropped, not lost
+            store = executor.futures.store
+            assert store.claim("s:new", "tok", "me", "t", None, 0.0) == []  # ttl 0: finished go
+            assert executor.futures.keys() == ["new"]
+
+    def test_ttl_is_read_from_config(self, make_executor, store_url):
+        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url, EXECUTOR_FUTURES_TTL="60")
+        with app.app_context():
+            assert executor.futures.ttl == 60
+        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url)
+        assert app.config["EXECUTOR_FUTURES_TTL"] is None  # the default, set by init_app
+
+    @pytest.mark.parametrize("backend", BACKENDS)
+    def test_stored_state_read_from_another_process(self, store_url, backend, tmp_path):
+        """A task owned by one process, read by another: pending, running, then finished."""
+        script = f"""
+            import concurrent.futures as cf
+            from flask_executor import Executor
+            from test_flask_executor import make_app, wait_for
+            app = make_app(EXECUTOR_FUTURES_STORE={store_url!r}, EXECUTOR_TYPE={backend!r},
+                           EXECUTOR_MAX_WORKERS=1)
+            executor = Executor(app)
+            with app.app_context():
+                future = executor.submit_stored("x", wait_for, {str(tmp_path / "go")!r})
+                queued = executor.submit_stored("y", wait_for, {str(tmp_path / "go")!r})
+                cf.wait([queued], timeout=60)
+                print(future.result(60), queued.cancelled(), flush=True)
+        """
+        owner = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], cwd=HERE,
+                                 env={**os.environ, "PYTHONPATH": str(HERE)},
+                                 stdout=subprocess.PIPE, text=True)  # fmt: skip
+        try:
+            app = make_app(EXECUTOR_FUTURES_STORE=store_url)
+            executor = Executor(app)
+            with app.app_context():
+                futures = executor.futures  # both keys claimed there, "x" started
+                wait_until(lambda: futures.running("x") and futures.get("y") is not None)
+                assert executor.futures.done("x") is False
+                with pytest.raises(ValueError, match="already exists"):
+                    executor.submit_stored("x", square, 1)
+                assert executor.futures.cancel("y") is True  # queued in the other process
+                Path(tmp_path / "go").touch()
+                assert executor.futures.result("x", timeout=TIMEOUT) == str(tmp_path / "go")
+                assert executor.futures.cancelled("y") is True
+                assert owner.wait(TIMEOUT) == 0
+                assert owner.stdout.read().split() == [str(tmp_path / "go"), "True"]  # its own
+                # future reads cancelled too, as if cancelled there
+        finally:
+            owner.kill()
+            owner.wait()
+
+    def test_a_killed_owner_reads_as_lost_within_seconds(self, store_url, tmp_path):
+        script = f"""
+            import os, sys
+            from flask_executor import Executor
+            from test_flask_executor import make_app, wait_for
+            app = make_app(EXECUTOR_FUTURES_STORE={store_url!r})
+            executor = Executor(app)
+            with app.app_context():
+                executor.submit_stored("orphan", wait_for, {str(tmp_path / "never")!r}, 600)
+                executor.submit_stored("queued", wait_for, {str(tmp_path / "never")!r}, 600)
+                os.write(1, b"%d\\n" % os.getpid())
+                wait_for({str(tmp_path / "never")!r}, 600)
+        """
+        owner = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], cwd=HERE,
+                                 env={**os.environ, "PYTHONPATH": str(HERE)},
+                                 stdout=subprocess.PIPE, text=True)  # fmt: skip
+        try:
+            pid = int(owner.stdout.readline())
+            app = make_app(EXECUTOR_FUTURES_STORE=store_url)
+            executor = Executor(app)
+            with app.app_context():
+                wait_until(lambda: executor.futures.running("orphan"))  # its thread started it
+                os.kill(pid, signal.SIGKILL)
+                owner.wait(TIMEOUT)
+                killed_at = time.monotonic()
+                wait_until(lambda: executor.futures.done("orphan"), timeout=5)
+                assert time.monotonic() - killed_at < 5
+                for key in ("orphan", "queued"):
+                    exc = executor.futures.exception(key)
+                    assert isinstance(exc, cf.BrokenExecutor)
+                    assert executor.futures.store.read(f"s:{key}").state == "finished"  # for all
+                    assert f"{key!r} is lost" in str(exc) and f"/{pid}:" in str(exc)
+                    assert "wait_for" in str(exc)
+        finally:
+            owner.kill()
+            owner.wait()
+
+    def test_pop_succeeds_in_exactly_one_process(self, store_url):
+        app, executor = make_app(EXECUTOR_FUTURES_STORE=store_url), None
+        executor = Executor(app)
+        with app.app_context():
+            for n in range(40):
+                executor.submit_stored(f"p{n}", square, n)
+            for n in range(40):
+                executor.futures.result(f"p{n}", timeout=TIMEOUT)
+        with multiprocessing.get_context("spawn").Pool(4) as pool:
+            popped = pool.starmap(pop_all, [(store_url, 40)] * 4, chunksize=1)
+        executor.shutdown()
+        winners = sorted(key for part in popped for key, _ in part)
+        assert winners == sorted(f"p{n}" for n in range(40))  # each key once, in total
+        assert all(result == int(key[1:]) ** 2 for part in popped for key, result in part)
+
+    def test_processes_booting_on_a_fresh_file_at_once(self, tmp_path):
+        ctx = multiprocessing.get_context("spawn")
+        for round_ in range(3):
+            url = f"sqlite:///{tmp_path}/boot{round_}.db"
+            barrier, results = ctx.Barrier(6), ctx.Queue()
+            booting = [ctx.Process(target=boot_and_store, args=(url, barrier, results, n))
+                       for n in range(6)]  # fmt: skip
+            for process in booting:
+                process.start()
+            got = sorted(results.get(timeout=TIMEOUT) for _ in booting)
+            for process in booting:
+                process.join(TIMEOUT)
+            assert got == [n * n for n in range(6)]
+
+    def test_redis_owner_on_another_machine_is_lost_once_its_lease_runs_out(self, redis_server):
+        import redis
+
+        redis.Redis.from_url(redis_server).flushall()
+        store = flask_executor.RedisStore(redis_server, "lease-test", lease=0.5)
+        app = make_app(EXECUTOR_FUTURES_STORE=store)
+        executor = Executor(app)
+        elsewhere = "another-host/another-boot/4242:1"
+        with app.app_context():
+            assert store.claim("s:remote", "t1", elsewhere, "their.task", None, None) == []
+            for _ in range(3):  # its lease is renewed: still alive after several lease times
+                time.sleep(0.5)
+                assert executor.futures.done("remote") is False
+            store._leased = -1  # the renewing thread stops: the owner is gone
+            wait_until(lambda: executor.futures.done("remote"), timeout=5)
+            with pytest.raises(cf.BrokenExecutor, match=r"another-host.* their\.task is gone"):
+                executor.futures.result("remote")
+
+
+class DictStore(flask_executor.FuturesStore):
+    """A user's own store: the protocol's methods over dicts, for one process (no limits)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, list] = {}  # token: [key, state, owner, task, outcome]
+        self.lock = threading.Lock()
+
+    def _token(self, key: str) -> str | None:
+        return next((t for t, row in self.rows.items() if row[0] == key), None)
+
+    def claim(self, key, token, owner, task, max_length, ttl):
+        with self.lock:
+            if self._token(key) is not None:
+                return None
+            self.rows[token] = [key, "pending", owner, task, None]
+            return []
+
+    def start(self, token, wait):
+        with self.lock:
+            row = self.rows.get(token)
+            if row is not None and row[1] == "pending":
+                row[1] = "running"
+            return row is None or row[1] != "cancelled"
+
+    def finish(self, token, outcome, wait):
+        with self.lock:
+            row = self.rows.get(token)
+            if row is None or row[1] not in ("pending", "running"):
+                return False
+            row[1], row[4] = ("cancelled", None) if outcome is None else ("finished", outcome)
+            return True
+
+    def forget(self, token):
+        self.rows.pop(token, None)
+
+    def read(self, key="", token=""):
+        token = self._token(key) if key else token
+        row = self.rows.get(token)
+        return None if row is None else flask_executor.Row(token, *row[1:4])
+
+    def outcome(self, token):
+        return self.rows[token][4] if token in self.rows else None
+
+    def cancel(self, token):
+        with self.lock:
+            row = self.rows.get(token)
+            if row is not None and row[1] in ("pending", "running"):
+                row[1] = "cancelled"
+            return row is not None and row[1] == "cancelled"
+
+    def pop(self, key):
+        with self.lock:
+            token = self._token(key)
+            if token is not None:
+                self.rows[token][0] = f"d:{token}"
+            return self.read(token=token) if token else None
+
+    def keys(self):
+        return [row[0] for row in self.rows.values() if not row[0].startswith("d:")]
+
+    def alive(self, owner):
+        return True
+
+
+def test_a_store_of_your_own(make_executor):
+    store = DictStore()
+    app, executor = make_executor(EXECUTOR_FUTURES_STORE=store)
+    with app.app_context():
+        assert executor.submit_stored("mine", square, 6).result(TIMEOUT) == 36
+        assert executor.futures.done("mine") and executor.futures.result("mine") == 36
+        with pytest.raises(ValueError, match="already exists"):
+            executor.submit_stored("mine", square, 1)
+        executor.submit_stored("bad", fail, "no")
+        with pytest.raises(ValueError, match="no"):
+            executor.futures.result("bad", timeout=TIMEOUT)
+        assert (
+            executor.futures.keys() == ["mine", "bad"] and store.read("s:mine").state == "finished"
+        )
+        assert executor.futures.pop("mine").result() == 36 and executor.futures.pop("mine") is None
+
+
+HOLD_LOCK = """
+import sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("BEGIN " + (sys.argv[3] if len(sys.argv) > 3 else "IMMEDIATE"))
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]) if len(sys.argv) > 2 else 1.5)
+db.execute("COMMIT")
+"""
+
+
+@contextlib.contextmanager
+def sqlite_locked(path: str, seconds: int = 6) -> Iterator[subprocess.Popen]:
+    """Another program holds the SQLite file's lock (BEGIN EXCLUSIVE) for ``seconds``."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, path, str(seconds), "EXCLUSIVE"],
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield holder
+    finally:
+        holder.wait(TIMEOUT)
+
+
+def test_gevent_keeps_running_while_sqlite_is_locked(tmp_path):
+    """A locked SQLite store is waited for in gevent sleeps: other greenlets keep running."""
+    pytest.importorskip("gevent")
+    url, path = f"sqlite:///{tmp_path}/futures.db", str(tmp_path / "futures.db")
+    result = run_script(
+        f"""
+        from gevent import monkey; monkey.patch_all()
+        import subprocess, sys, time, gevent
+        from flask_executor import Executor
+        from test_flask_executor import HOLD_LOCK, make_app, square
+        app = make_app(EXECUTOR_TYPE="gevent", EXECUTOR_FUTURES_STORE={url!r})
+        executor = Executor(app)
+        holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, {path!r}],
+                                  stdout=subprocess.PIPE, text=True)
+        assert holder.stdout.readline().strip() == "locked"
+        gaps, last = [], [time.monotonic()]
+        def tick():
+            while True:
+                gevent.sleep(0.01)
+                gaps.append(time.monotonic() - last[0])
+                last[0] = time.monotonic()
+        ticker = gevent.spawn(tick)
+        with app.app_context():
+            started = time.monotonic()
+            assert executor.submit_stored("k", square, 3).result(30) == 9
+            waited = time.monotonic() - started
+        ticker.kill()
+        holder.wait(30)
+        print(f"{{waited:.2f}} {{max(gaps, default=waited):.3f}}")  # no tick: blocked
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    waited, longest_gap = map(float, result.stdout.split())
+    assert waited > 1.0  # it did wait for the lock
+    assert longest_gap < 0.5, result.stdout  # and the hub ran other greenlets meanwhile
+
+
+def start_redis(port: int, folder: Path) -> subprocess.Popen:
+    """A redis-server of the test's own on 127.0.0.1 (no persistence), waited for."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is not installed: .ci/run installs it with apt-get")
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--dir", str(folder)]  # fmt: skip
+    server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return server
+        except OSError:
+            assert server.poll() is None and time.monotonic() < deadline, "no redis-server"
+            time.sleep(0.05)
+
+
+def stop_redis(server: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGKILL)
+    server.wait(TIMEOUT)
+
+
+def plant(url: str, key: str, blob: bytes) -> None:
+    """Write ``blob`` as the stored outcome of ``key``, as anyone with write access could."""
+    if url.startswith("sqlite"):
+        with contextlib.closing(sqlite3.connect(url[len("sqlite:///") :])) as db, db:
+            db.execute("UPDATE executor_rows SET outcome = ? WHERE key = ?", (blob, f"s:{key}"))
+    else:
+        import redis
+
+        client = redis.Redis.from_url(url)
+        for hash_key in client.keys("flask_executor:*:keys"):
+            token = client.hget(hash_key, f"s:{key}")
+            if token is not None:
+                client.hset(hash_key[: -len(b"keys")] + b"row:" + token, "outcome", blob)
+
+
+class Planted:
+    """A pickle that runs code when it is unpickled: it writes a file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path(self.path).write_text, ("the planted pickle ran",))
+
+
+class TestStoresHoldTheirGround:
+    """Resets, replaced files, popped futures, signed outcomes, leaks (#21)."""
+
+    def test_a_reset_sqlite_store_never_serves_one_keys_outcome_for_another(
+        self, make_executor, tmp_path
+    ):
+        path = tmp_path / "futures.db"
+        app, executor = make_executor(EXECUTOR_FUTURES_STORE=f"sqlite:///{path}")
+        with app.app_context():
+            old = executor.submit_stored("old", wait_for, str(tmp_path / "old-go"))
+            wait_until(lambda: executor.futures.running("old"))
+            for name in ("futures.db", "futures.db-wal", "futures.db-shm"):
+                (tmp_path / name).unlink(missing_ok=True)  # the store is reset
+            new = executor.submit_stored("new", wait_for, str(tmp_path / "new-go"))
+            (tmp_path / "old-go").touch()
+            assert old.result(TIMEOUT) == str(tmp_path / "old-go")
+            assert executor.futures.done("new") is False  # the old task's finish went nowhere
+            (tmp_path / "new-go").touch()
+            assert new.result(TIMEOUT) == str(tmp_path / "new-go")
+            assert executor.futures.result("new", timeout=TIMEOUT) == str(tmp_path / "new-go")
+
+    def test_a_restarted_redis_never_serves_one_keys_outcome_for_another(
+        self, make_executor, tmp_path
+    ):
+        port = free_port()
+        server = start_redis(port, tmp_path)
+        try:
+            url = f"redis://127.0.0.1:{port}/0"
+            app, executor = make_executor(EXECUTOR_FUTURES_STORE=url)
+            with app.app_context():
+                old = executor.submit_stored("old", wait_for, str(tmp_path / "old-go"))
+                wait_until(lambda: executor.futures.running("old"))
+                stop_redis(server)  # restarted without persistence: empty, ids from 1 again
+                server = start_redis(port, tmp_path)
+                new = executor.submit_stored("new", wait_for, str(tmp_path / "new-go"))
+                (tmp_path / "old-go").touch()
+                assert old.result(TIMEOUT) == str(tmp_path / "old-go")
+                assert executor.futures.done("new") is False
+                (tmp_path / "new-go").touch()
+                assert new.result(TIMEOUT) == str(tmp_path / "new-go")
+                assert executor.futures.result("new", timeout=TIMEOUT) == str(tmp_path / "new-go")
+        finally:
+            stop_redis(server)
+
+    def test_a_popped_future_keeps_its_outcome_for_a_day(self, make_executor, store_url,
+                                                         tmp_path):  # fmt: skip
+        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url)
+        with app.app_context():
+            executor.submit_stored("report", wait_for, str(tmp_path / "go"))
+            popped = executor.futures.pop("report")
+            (tmp_path / "go").touch()
+            wait_until(popped.done)
+            age_popped_rows(store_url, 62)  # as if read 62 s later
+            executor.submit_stored("other", square, 2).result(TIMEOUT)  # a claim cleans up
+            assert executor.futures.pop("report") is None
+            assert popped.result(TIMEOUT) == str(tmp_path / "go")
+            executor.submit_stored("later", wait_for, str(tmp_path / "go"))
+            late = executor.futures.pop("later")
+            wait_until(late.done)
+            age_popped_rows(store_url, 25 * 3600)  # past the documented limit: named
+            executor.submit_stored("more", square, 2).result(TIMEOUT)
+            with pytest.raises(KeyError, match="popped futures are kept 24 hours"):
+                late.result(TIMEOUT)
+
+    def test_a_deleted_or_replaced_sqlite_file_is_opened_again_by_two_processes(self, tmp_path):
+        url, path = f"sqlite:///{tmp_path}/futures.db", tmp_path / "futures.db"
+        script = f"""
+            import os, time
+            from flask_executor import Executor
+            from test_flask_executor import make_app, square, wait_for
+            app = make_app(EXECUTOR_FUTURES_STORE={url!r})
+            executor = Executor(app)
+            with app.app_context():
+                for n, step in enumerate(["start", "deleted", "replaced"]):
+                    wait_for({str(tmp_path)!r} + "/" + step)
+                    executor.submit_stored(f"b-{{step}}", square, n).result(30)
+                    print(executor.futures.result(f"b-{{step}}", timeout=30), flush=True)
+        """
+        other = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], cwd=HERE,
+                                 env={**os.environ, "PYTHONPATH": str(HERE)},
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True)  # fmt: skip
+        try:
+            app = make_app(EXECUTOR_FUTURES_STORE=url)
+            executor = Executor(app)
+            with app.app_context():
+                executor.submit_stored("a-start", square, 5).result(TIMEOUT)
+                (tmp_path / "start").touch()
+                assert other.stdout.readline().strip() == "0"  # both hold connections now
+                path.unlink()  # its -wal and -shm stay
+                (tmp_path / "deleted").touch()
+                assert executor.submit_stored("a-deleted", square, 6).result(TIMEOUT) == 36
+                assert executor.futures.result("a-deleted", timeout=TIMEOUT) == 36
+                assert other.stdout.readline().strip() == "1"
+                with contextlib.closing(sqlite3.connect(tmp_path / "other.db")) as db:
+                    db.execute("CREATE TABLE unrelated (x)")
+                os.replace(tmp_path / "other.db", path)  # replaced under both processes
+                (tmp_path / "replaced").touch()
+                assert executor.submit_stored("a-replaced", square, 7).result(TIMEOUT) == 49
+                assert executor.futures.result("a-replaced", timeout=TIMEOUT) == 49
+                assert other.stdout.readline().strip() == "4", other.stderr.read()
+                assert sorted(executor.futures.keys()) == ["a-replaced", "b-replaced"]
+            assert other.wait(TIMEOUT) == 0
+            executor.shutdown()
+        finally:
+            other.kill()
+            other.wait()
+
+    def test_polls_from_plain_threads_never_make_gevent_hubs(self, make_executor, tmp_path):
+        pytest.importorskip("gevent")
+        import gevent  # noqa: F401  (merely imported, as a gevent-using dependency would)
+
+        app, executor = make_executor(EXECUTOR_FUTURES_STORE=f"sqlite:///{tmp_path}/f.db")
+        with app.app_context():
+            executor.submit_stored("k", wait_for, str(tmp_path / "go"))
+            futures = executor.futures
+            in_thread(lambda: futures.done("k"))  # the store's connection is open
+            before = len(os.listdir("/proc/self/fd"))
+            for _ in range(100):  # a thread per request, each waiting a while on the future
+                waited = in_thread(lambda: futures.result("k", timeout=0.02))
+                assert isinstance(waited, cf.TimeoutError)
+            gc.collect()
+            assert len(os.listdir("/proc/self/fd")) - before < 20
+            (tmp_path / "go").touch()
+
+    def test_polls_read_state_only_never_the_outcome(self, make_executor, store_url,
+                                                     monkeypatch):  # fmt: skip
+        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url)
+        with app.app_context():
+            future = executor.submit_stored("big", bytes, 5_000_000)
+            assert len(future.result(TIMEOUT)) == 5_000_000
+            unpickled: list[int] = []
+            real_loads = pickle.loads
+            monkeypatch.setattr(pickle, "loads", lambda b, **k: unpickled.append(len(b)) or
+                                real_loads(b, **k))  # fmt: skip
+            futures = executor.futures
+            for _ in range(3):
+                assert futures.done("big") and not futures.running("big")
+                assert not futures.cancelled("big") and futures.get("big") is not None
+                assert future in futures and "big" in futures.keys()  # noqa: SIM118
+            assert unpickled == []
+            assert len(futures.result("big")) == 5_000_000 and unpickled  # result() loads it
+
+    def test_a_locked_store_never_holds_the_submitters_future(self, make_executor, tmp_path):
+        url, path = f"sqlite:///{tmp_path}/futures.db", str(tmp_path / "futures.db")
+        app, executor = make_executor(EXECUTOR_FUTURES_STORE=url)
+        with app.app_context():
+            future = executor.submit_stored("k", wait_for, str(tmp_path / "go"))
+            wait_until(lambda: executor.futures.running("k"))
+            with sqlite_locked(path) as holder:
+                (tmp_path / "go").touch()
+                assert future.result(3) == str(tmp_path / "go")  # the lock is held 6 s
+                assert holder.poll() is None  # (still held when the future was done)
+            assert executor.futures.result("k", timeout=TIMEOUT) == str(tmp_path / "go")
+
+    def test_two_apps_with_one_name_on_one_store_keep_apart_by_namespace(self, store_url):
+        apps = [Flask("app") for _ in range(2)]
+        executors = []
+        for n, app in enumerate(apps):
+            app.config.update(SECRET_KEY="s", EXECUTOR_FUTURES_STORE=store_url,
+                              EXECUTOR_FUTURES_NAMESPACE=f"site{n}")  # fmt: skip
+            executors.append(Executor(app))
+        try:
+            with apps[0].app_context():
+                executors[0].submit_stored("report", str, "first site").result(TIMEOUT)
+            with apps[1].app_context():
+                executors[1].submit_stored("report", str, "second site").result(TIMEOUT)
+                assert executors[1].futures.result("report", timeout=TIMEOUT) == "second site"
+            with apps[0].app_context():
+                assert executors[0].futures.result("report") == "first site"
+            shared = Flask("app")  # the default: the import name, shared by both `app`s
+            shared.config.update(SECRET_KEY="s", EXECUTOR_FUTURES_STORE=store_url)
+            assert shared.config.get("EXECUTOR_FUTURES_NAMESPACE") is None
+            executors.append(Executor(shared))
+            assert shared.config["EXECUTOR_FUTURES_NAMESPACE"] == "app:"
+        finally:
+            for executor in executors:
+                executor.shutdown()
+
+    def test_a_planted_pickle_is_never_unpickled_in_any_process(self, make_executor, store_url,
+                                                                tmp_path):  # fmt: skip
+        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url)
+        ran = tmp_path / "ran"
+        with app.app_context():
+            executor.submit_stored("k", square, 3).result(TIMEOUT)
+            plant(store_url, "k", pickle.dumps(Planted(str(ran))))
+        script = f"""
+            from flask_executor import Executor
+            from test_flask_executor import make_app
+            app = make_app(EXECUTOR_FUTURES_STORE={store_url!r})
+            executor = Executor(app)
+            with app.app_context():
+                print(executor.futures.done("k"), flush=True)
+                try:
+                    executor.futures.result("k")
+                except RuntimeError as exc:
+                    print(exc, flush=True)
+        """
+        result = run_script(script)
+        assert result.returncode == 0, result.stderr
+        assert not ran.exists()  # the code in the pickle never ran
+        done, message = result.stdout.strip().split("\n")
+        assert done == "True" and "'k'" in message and "this app did not write" in message
+
+    def test_a_signed_outcome_cannot_be_moved_to_another_key(self, make_executor, store_url):
+        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url)
+        with app.app_context():
+            executor.submit_stored("mine", square, 3).result(TIMEOUT)
+            executor.submit_stored("theirs", square, 4).result(TIMEOUT)
+            store = executor.futures.store
+            plant(store_url, "theirs", store.outcome(store.read(key="s:mine").token))
+            with pytest.raises(RuntimeError, match="this app did not write"):
+                executor.futures.result("theirs")
+
+    def test_the_secret_key_rotates_and_a_store_without_one_is_refused(self, store_url):
+        old = make_app(EXECUTOR_FUTURES_STORE=store_url)
+        old.secret_key = "old"
+        executor = Executor(old)
+        with old.app_context():
+            executor.submit_stored("k", square, 5).result(TIMEOUT)
+        executor.shutdown()
+        new = make_app(EXECUTOR_FUTURES_STORE=store_url, SECRET_KEY_FALLBACKS=["old"])
+        new.secret_key = "new"
+        executor = Executor(new)
+        with new.app_context():
+            assert executor.futures.result("k") == 25  # written with the old key
+        executor.shutdown()
+        other = make_app(EXECUTOR_FUTURES_STORE=store_url)  # another key, no fallback
+        executor = Executor(other)
+        with other.app_context(), pytest.raises(RuntimeError, match="did not write"):
+            executor.futures.result("k")
+        executor.shutdown()
+        bare = Flask("bare")
+        bare.config["EXECUTOR_FUTURES_STORE"] = store_url
+        with pytest.raises(ValueError, match=r"needs the app's SECRET_KEY.* Set app\.secret_key"):
+            Executor(bare)
+        assert "executor" not in bare.extensions
+
+
+class TestStoreProbes:
+    """What the prober of #21 found: each failed before its fix."""
+
+    def test_a_cancel_under_a_locked_store_never_holds_the_future(self, make_executor,
+                                                                  tmp_path):  # fmt: skip
+        url, path = f"sqlite:///{tmp_path}/futures.db", str(tmp_path / "futures.db")
+        app, executor = make_executor(EXECUTOR_FUTURES_STORE=url)
+        with app.app_context():
+            future = executor.submit_stored("k", write_until_stopped, str(tmp_path / "flag"))
+            wait_until(lambda: executor.futures.running("k"))
+            with sqlite_locked(path) as holder:
+                started = time.monotonic()
+                assert future.cancel() is True and future.cancelled()
+                assert time.monotonic() - started < 2 and holder.poll() is None
+            wait_until(lambda: executor.futures.cancelled("k"))  # stored once it is free
+
+    def test_an_outcome_relabelled_to_another_key_is_refused(self, make_executor, store_url):
+        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url)
+        with app.app_context():
+            executor.submit_stored("alice", str, "alice's report").result(TIMEOUT)
+            executor.submit_stored("mallory", str, "mallory's").result(TIMEOUT)
+            relabel(store_url, "alice", "mallory")  # the key column / keys hash rewritten
+            with pytest.raises(RuntimeError, match="this app did not write"):
+                executor.futures.result("mallory")
+
+    def test_a_fork_while_opening_the_file_never_holds_its_lock(self, tmp_path):
+        url = f"sqlite:///{tmp_path}/futures.db"
+        script = f"""
+            import os, threading, time
+            from flask_executor import Executor
+            import flask_executor
+            from test_flask_executor import make_app, square
+            app = make_app(EXECUTOR_FUTURES_STORE={url!r})
+            executor = Executor(app)
+            real = flask_executor._lock_file
+            forked = []
+            def lock_then_fork(fd, path):
+                real(fd, path)
+                pid = os.fork()
+                if pid == 0:
+                    time.sleep(20)
+                    os._exit(0)
+                forked.append(pid)
+            flask_executor._lock_file = lock_then_fork
+            os.remove({str(tmp_path / "futures.db")!r})  # the next read opens the file anew
+            with app.app_context():
+                executor.submit_stored("a", square, 2).result(30)
+            flask_executor._lock_file = real
+            os.replace({str(tmp_path / "other.db")!r}, {str(tmp_path / "futures.db")!r})
+            started = time.monotonic()
+            with app.app_context():
+                executor.submit_stored("b", square, 3).result(30)
+            print(round(time.monotonic() - started))
+            os.kill(forked[0], 9)
+        """
+        import sqlite3 as sq
+
+        with contextlib.closing(sq.connect(tmp_path / "other.db")) as db:
+            db.execute("CREATE TABLE unrelated (x)")
+        result = run_script(script, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split() == ["0"]  # the child's copy of the lock is no lock
+
+    def test_a_new_task_after_a_redis_restart_is_never_read_as_lost(self, make_executor,
+                                                                    tmp_path):  # fmt: skip
+        port = free_port()
+        server = start_redis(port, tmp_path)
+        try:
+            url = f"redis://127.0.0.1:{port}/0"
+            app, executor = make_executor(EXECUTOR_FUTURES_STORE=url)
+            with app.app_context():
+                executor.submit_stored("first", square, 2).result(TIMEOUT)
+                stop_redis(server)
+                server = start_redis(port, tmp_path)  # every lease is gone
+                executor.submit_stored("new", wait_for, str(tmp_path / "go"))
+                store = executor.futures.store
+                owner = store.read(key="s:new").owner
+                assert store._redis.exists(f"flask_executor:lease:{owner}")  # renewed at once
+                (tmp_path / "go").touch()
+        finally:
+            stop_redis(server)
+
+    def test_a_popped_task_whose_owner_died_leaves_no_row_for_ever(self, make_executor,
+                                                                  store_url):  # fmt: skip
+        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url)
+        store = executor.futures.store
+        elsewhere = "another-host/boot/ns/4242:1"
+        with app.app_context():
+            assert store.claim("s:orphan", "t-orphan", elsewhere, "x.y", None, None) == []
+            executor.futures.pop("orphan")
+            age_popped_rows(store_url, 25 * 3600, unfinished=True)
+            executor.submit_stored("next", square, 2).result(TIMEOUT)  # a claim cleans up
+            assert store.read(token="t-orphan") is None
+
+
+def relabel(url: str, source: str, target: str) -> None:
+    """Point key ``target`` at ``source``'s row, as anyone with write access could."""
+    if url.startswith("sqlite"):
+        with contextlib.closing(sqlite3.connect(url[len("sqlite:///") :])) as db, db:
+            db.execute("DELETE FROM executor_rows WHERE key = ?", (f"s:{target}",))
+            db.execute("UPDATE executor_rows SET key = ? WHERE key = ?",
+                       (f"s:{target}", f"s:{source}"))  # fmt: skip
+    else:
+        import redis
+
+        client = redis.Redis.from_url(url)
+        for hash_key in client.keys("flask_executor:*:keys"):
+            token = client.hget(hash_key, f"s:{source}")
+            if token is not None:
+                client.hset(hash_key, f"s:{target}", token)
+
+
+def age_popped_rows(url: str, seconds: float, unfinished: bool = False) -> None:
+    """Move the finish time of every popped row ``seconds`` into the past."""
+    if url.startswith("sqlite"):
+        column = "popped" if unfinished else "finished"
+        with contextlib.closing(sqlite3.connect(url[len("sqlite:///") :])) as db, db:
+            db.execute(f"UPDATE executor_rows SET {column} = {column} - ? WHERE key LIKE 'd:%'",
+                       (seconds,))  # fmt: skip
+    else:
+        import redis
+
+        client = redis.Redis.from_url(url)
+        for gone in client.keys("flask_executor:*:gone"):
+            for member, score in client.zrange(gone, 0, -1, withscores=True):
+                client.zadd(gone, {member: score - seconds})
+
+
+def pop_all(url: str, count: int) -> list[tuple[str, int]]:
+    """In another process: pop every key it can; return the ones it won."""
+    app = make_app(EXECUTOR_FUTURES_STORE=url)
+    executor = Executor(app)
+    with app.app_context():
+        won = []
+        for n in range(count):
+            future = executor.futures.pop(f"p{n}")
+            if future is not None:
+                won.append((f"p{n}", future.result(TIMEOUT)))
+    return won
+
+
+def boot_and_store(url: str, barrier: object, results: object, n: int) -> None:
+    barrier.wait(TIMEOUT)  # every process opens the new file at the same moment
+    try:
+        app = make_app(EXECUTOR_FUTURES_STORE=url)
+        executor = Executor(app)
+        with app.app_context():
+            executor.submit_stored(n, square, n)
+            results.put(executor.futures.result(n, timeout=TIMEOUT))
+        executor.shutdown()
+    except BaseException as exc:
+        results.put(repr(exc))
+
+
+class TestStoreErrors:
+    @pytest.mark.parametrize(
+        "url",
+        [
+            "sqlite://",
+            "sqlite:///:memory:",
+            "mysql://localhost/db",
+            "futures.db",
+            "sqlite:///f.db?mode=ro",
+        ],
+    )
+    def test_a_malformed_store_url(self, url):
+        with pytest.raises(ValueError, match=r"EXECUTOR_FUTURES_STORE=.* is not a futures store"):
+            Executor(make_app(EXECUTOR_FUTURES_STORE=url))
+
+    def test_a_missing_folder(self, tmp_path):
+        url = f"sqlite:///{tmp_path}/missing/futures.db"
+        with pytest.raises(ValueError, match=r"SQLite futures store .* is in a missing folder"):
+            Executor(make_app(EXECUTOR_FUTURES_STORE=url))
+
+    def test_a_relative_path_lives_under_the_instance_path(self, tmp_path):
+        app = Flask("relative", instance_path=str(tmp_path / "instance"))
+        app.config.update(EXECUTOR_FUTURES_STORE="sqlite:///futures.db", SECRET_KEY="s")
+        executor = Executor(app)
+        assert (tmp_path / "instance" / "futures.db").exists()
+        executor.shutdown()
+
+    def test_a_link_to_a_network_filesystem_is_refused(self, tmp_path, monkeypatch):
+        table, share = tmp_path / "mounts", tmp_path / "share"
+        share.mkdir()
+        (tmp_path / "link").symlink_to(share)
+        table.write_text(f"/dev/sda1 / ext4 rw 0 0\nserver:/export {share} nfs4 rw 0 0\n")
+        real = flask_executor._filesystem
+        monkeypatch.setattr(flask_executor, "_filesystem", lambda f: real(f, str(table)))
+        with pytest.raises(ValueError, match=r"is on a nfs4 filesystem"):
+            Executor(make_app(EXECUTOR_FUTURES_STORE=f"sqlite:///{tmp_path}/link/f.db"))
+
+    @pytest.mark.parametrize("kind", ["nfs4", "cifs", "fuse.sshfs"])
+    def test_a_network_filesystem_is_refused(self, tmp_path, monkeypatch, kind):
+        table = tmp_path / "mounts"
+        table.write_text(f"/dev/sda1 / ext4 rw 0 0\nserver:/export {tmp_path} {kind} rw 0 0\n")
+        assert flask_executor._filesystem(str(tmp_path / "sub"), str(table)) == kind
+        assert flask_executor._filesystem("/usr", str(table)) == "ext4"
+        real = flask_executor._filesystem
+        monkeypatch.setattr(flask_executor, "_filesystem", lambda f: real(f, str(table)))
+        with pytest.raises(ValueError, match=rf"is on a {kind} filesystem.* use redis://"):
+            Executor(make_app(EXECUTOR_FUTURES_STORE=f"sqlite:///{tmp_path}/f.db"))
+
+    def test_the_redis_package_missing(self, monkeypatch):
+        monkeypatch.setitem(sys.modules, "redis", None)
+        with pytest.raises(ImportError, match="needs the redis package: pip install redis"):
+            Executor(make_app(EXECUTOR_FUTURES_STORE="redis://127.0.0.1:1/0"))
+
+    def test_a_malformed_redis_url_names_the_key(self):
+        pytest.importorskip("redis")
+        with pytest.raises(ValueError, match=r"EXECUTOR_FUTURES_STORE='redis://127.0.0.1:x/0': "):
+            Executor(make_app(EXECUTOR_FUTURES_STORE="redis://127.0.0.1:x/0"))
+
+    def test_a_folder_given_as_the_sqlite_file(self, tmp_path):
+        with pytest.raises(ValueError, match=r"SQLite futures store .* is a folder"):
+            Executor(make_app(EXECUTOR_FUTURES_STORE=f"sqlite:///{tmp_path}"))
+
+    def test_redis_unreachable(self):
+        pytest.importorskip("redis")
+        url = f"redis://127.0.0.1:{free_port()}/0"
+        with pytest.raises(ConnectionError, match=f"cannot reach the Redis futures store '{url}'"):
+            Executor(make_app(EXECUTOR_FUTURES_STORE=url))
+
+
+# -- 8b. Several worker processes: stored futures shared through SQLite and Redis ----
+
+
+def echo_key(key: str, wait: float) -> dict[str, object]:
+    time.sleep(wait)  # cooperative under gevent's monkey-patching
+    return {"key": key, "pid": os.getpid()}
+
+
+def stored_app() -> Flask:
+    """The app the shared-store tests serve; EXECUTOR_* (the store too) from the environment."""
+    app = Flask("stored")
+    app.secret_key = "stored"
+    executor = Executor(app)
+
+    @app.route("/submit")
+    def submit() -> dict[str, object]:
+        key, args = request.args["key"], request.args
+        task = (wait_for, args["block"], 600) if "block" in args else (echo_key, key, 0.05)
+        if "until_stopped" in args:
+            task = (write_until_stopped, args["until_stopped"])
+        try:
+            executor.submit_stored(key, *task)
+        except ValueError:
+            return {"refused": True, "pid": os.getpid()}
+        return {"refused": False, "pid": os.getpid()}
+
+    @app.route("/poll")
+    def poll() -> dict[str, object]:
+        return {"done": executor.futures.done(request.args["key"]), "pid": os.getpid()}
+
+    @app.route("/cancel", methods=["POST"])
+    def cancel() -> dict[str, object]:
+        return {"cancelled": executor.futures.cancel(request.form["key"]), "pid": os.getpid()}
+
+    @app.route("/pop")
+    def pop() -> dict[str, object]:
+        future = executor.futures.pop(request.args["key"])
+        if future is None:
+            return {"popped": False, "pid": os.getpid()}
+        try:
+            return {"popped": True, "result": future.result(TIMEOUT), "pid": os.getpid()}
+        except Exception as exc:
+            return {"popped": True, "error": f"{type(exc).__name__}: {exc}", "pid": os.getpid()}
+
+    return app
+
+
+@pytest.mark.parametrize(
+    ("worker", "executor_type", "store", "preload"),
+    [
+        ("gthread", "thread", "sqlite", False),
+        ("gevent", "gevent", "sqlite", False),
+        ("gthread", "thread", "sqlite", True),
+        ("sync", "process", "sqlite", True),
+        ("gthread", "thread", "redis", False),
+        ("gevent", "gevent", "redis", True),
+    ],
+)
+def test_gunicorn_workers_share_stored_futures(worker, executor_type, store, preload, tmp_path,
+                                               request):  # fmt: skip
+    pytest.importorskip("gunicorn")
+    if worker == "gevent":
+        pytest.importorskip("gevent")
+    if store == "redis":
+        url = request.getfixturevalue("redis_server")
+        import redis
+
+        redis.Redis.from_url(url).flushall()
+    else:
+        url = f"sqlite:///{tmp_path}/futures.db"
+    port = free_port()
+    argv = [sys.executable, "-m", "gunicorn", "-k", worker, "-w", "4", "--threads", "4",
+            "-b", f"127.0.0.1:{port}", *(["--preload"] if preload else []),
+            "test_flask_executor:stored_app()"]  # fmt: skip
+    env = {"EXECUTOR_TYPE": executor_type, "EXECUTOR_FUTURES_STORE": url,
+           "EXECUTOR_FUTURES_MAX_LENGTH": "1000", "EXECUTOR_MAX_WORKERS": "4"}  # fmt: skip
+    server = Server(argv, port, **env)
+    get = functools.partial(lambda base, path: http_get(base + path), server.base)
+    try:
+        keys = [f"k{n}" for n in range(40)]
+        with cf.ThreadPoolExecutor(8) as clients:
+            owners = dict(
+                zip(keys, clients.map(lambda k: get(f"/submit?key={k}"), keys), strict=True)
+            )
+            assert not any(reply["refused"] for reply in owners.values())
+            polls: list[tuple[str, dict]] = []
+            pending, deadline = set(keys), time.monotonic() + 60
+            while pending and time.monotonic() < deadline:
+                waiting = sorted(pending)
+                for key, reply in zip(
+                    waiting, clients.map(lambda k: get(f"/poll?key={k}"), waiting), strict=True
+                ):
+                    polls.append((key, reply))
+                    if reply["done"]:
+                        pending.discard(key)
+            assert not pending
+            more = 0  # one worker may take every connection for a while: poll on, bounded
+            while len({reply["pid"] for _, reply in polls}) < 2 and more < 400:
+                polls += zip(keys, clients.map(lambda k: get(f"/poll?key={k}"), keys), strict=True)
+                more += len(keys)
+            assert all(reply["done"] is not None for _, reply in polls)  # no poll missed its key
+            assert len({reply["pid"] for _, reply in polls}) >= 2
+            assert any(reply["pid"] != owners[key]["pid"] for key, reply in polls)
+
+            pops = list(clients.map(lambda k: (k, get(f"/pop?key={k}")), keys * 2))
+            for key in keys:  # popped twice at once: exactly one pop wins, with the result
+                won = [reply for k, reply in pops if k == key and reply["popped"]]
+                assert len(won) == 1 and won[0]["result"]["key"] == key
+                task_pid = won[0]["result"]["pid"]
+                if executor_type == "process":
+                    assert task_pid != owners[key]["pid"]
+                else:
+                    assert task_pid == owners[key]["pid"]  # ran in the worker that took it
+
+            first = get("/submit?key=dup")
+            dups = list(clients.map(lambda _: get("/submit?key=dup"), range(12)))
+            assert not first["refused"] and all(reply["refused"] for reply in dups)
+            assert any(reply["pid"] != first["pid"] for reply in dups)  # refused elsewhere too
+
+        owner = get(f"/submit?key=blocked&block={tmp_path}/never")["pid"]
+        assert get("/poll?key=blocked")["done"] is False
+        os.kill(owner, signal.SIGKILL)
+        wait_until(lambda: get("/poll?key=blocked")["done"], timeout=10)
+        lost = get("/pop?key=blocked")
+        assert lost["popped"] and lost["error"].startswith("BrokenExecutor:")
+        assert f"/{owner}:" in lost["error"] and "is gone" in lost["error"]
+    finally:
+        server.stop()
+
+
+# -- real servers: gunicorn (gevent and gthread workers) and gevent's pywsgi ------------------
+
+
+def server_app() -> Flask:
+    """The app the real-server tests serve; EXECUTOR_* come from the environment."""
+    app = Flask("served")
+    app.secret_key = "served"
+    executor = Executor(app)
+
+    def report(wait: float) -> dict[str, object]:
+        time.sleep(wait)  # cooperative under gevent's monkey-patching
+        return {"arg": request.args["id"], "g": g.rid, "session": session["rid"]}
+
+    @app.route("/start")
+    def start() -> str:
+        g.rid = session["rid"] = request.args["id"]
+        executor.submit_stored(request.args["id"], report, float(request.args["wait"]))
+        return "started"
+
+    @app.route("/result")
+    def result() -> dict[str, object]:
+        key = request.args["id"]
+        if not executor.futures.done(key):
+            return {"state": executor.futures._state(key)}
+        return {"state": "FINISHED", "seen": executor.futures.pop(key).result()}
+
+    return app
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def http_get(url: str) -> dict | str:
+    with urllib.request.urlopen(url, timeout=TIMEOUT) as response:
+        body = response.read().decode()
+    return json.loads(body) if body.startswith("{") else body
+
+
+class Server:
+    """A server subprocess on 127.0.0.1, waited for, and always stopped."""
+
+    def __init__(self, argv: list[str], port: int, **env: str) -> None:
+        self.base = f"http://127.0.0.1:{port}"
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="server-", suffix=".log")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            argv,
+            cwd=HERE,
+            env={**os.environ, "PYTHONPATH": str(HERE), **env},
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: stop() ends whatever it forked
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    return
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"server did not start: {self.output()}") from None
+                time.sleep(0.1)
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self) -> None:
+        """SIGTERM the server, then SIGKILL its whole process group (workers, pools)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(20)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(20)
+
+
+def drive(base: str, requests: int, wait: float) -> dict[str, int]:
+    """Start one stored task per request, concurrently; poll until all are done."""
+    with cf.ThreadPoolExecutor(50) as clients:
+        started = list(
+            clients.map(lambda n: http_get(f"{base}/start?id={n}&wait={wait}"), range(requests))
+        )
+        assert started == ["started"] * requests
+        seen: dict[int, dict] = {}
+        deadline = time.monotonic() + 120
+        while len(seen) < requests and time.monotonic() < deadline:
+            pending = [n for n in range(requests) if n not in seen]
+            for n, reply in zip(
+                pending,
+                clients.map(lambda n: http_get(f"{base}/result?id={n}"), pending),
+                strict=True,
+            ):
+                if reply["state"] == "FINISHED":
+                    seen[n] = reply["seen"]
+            time.sleep(0.05)
+    mismatches = sum(
+        1 for n, got in seen.items() if got != {"arg": str(n), "g": str(n), "session": str(n)}
+    )
+    return {"finished": len(seen), "mismatches": mismatches}
+
+
+SERVED = {"EXECUTOR_FUTURES_MAX_LENGTH": "10000"}
+
+
+@pytest.mark.parametrize(("worker", "executor_type"), [("gevent", "gevent"), ("gthread", "thread")])
+def test_gunicorn_concurrent_requests_see_only_their_own_data(worker, executor_type):
+    pytest.importorskip("gunicorn")
+    if worker == "gevent":
+        pytest.importorskip("gevent")
+    port = free_port()
+    argv = [sys.executable, "-m", "gunicorn", "-k", worker, "-w", "1", "--threads", "8",
+            "--worker-connections", "1000", "-b", f"127.0.0.1:{port}",
+            "test_flask_executor:server_app()"]  # fmt: skip
+    server = Server(argv, port, EXECUTOR_TYPE=executor_type, EXECUTOR_MAX_WORKERS="32", **SERVED)
+    try:
+        assert drive(server.base, requests=300, wait=0.2) == {"finished": 300, "mismatches": 0}
+    finally:
+        server.stop()
+
+
+def test_pywsgi_concurrent_requests_see_only_their_own_data():
+    pytest.importorskip("gevent")
+    port = free_port()
+    script = f"""
+        from gevent import monkey; monkey.patch_all()
+        from gevent.pywsgi import WSGIServer
+        from test_flask_executor import server_app
+        WSGIServer(("127.0.0.1", {port}), server_app(), log=None).serve_forever()
+    """
+    argv = [sys.executable, "-c", textwrap.dedent(script)]
+    server = Server(argv, port, EXECUTOR_TYPE="gevent", **SERVED)
+    try:
+        assert drive(server.base, requests=300, wait=0.2) == {"finished": 300, "mismatches": 0}
+    finally:
+        server.stop()
+
+
+# -- forks: gunicorn --preload, os.fork(), process workers: no data crosses ------------------
+
+MARK = "as imported"  # a test changes it: a forked worker sees the change, a spawned one not
+
+
+def read_mark() -> str:
+    return MARK
+
+
+def request_seen_in_process() -> tuple[bool, bool, str]:
+    """What a process task sees of Flask: it must be no context at all."""
+    from flask import has_app_context, has_request_context
+
+    try:
+        seen = f"{request.path}?{request.query_string.decode()}"
+    except RuntimeError as exc:
+        seen = str(exc)
+    return has_request_context(), has_app_context(), seen
+
+
+NESTED_APP = Flask("nested")
+NESTED_APP.config.update(EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=1)
+NESTED = Executor(NESTED_APP, name="nested")
+
+
+def square_via_own_executor(x: int) -> int:
+    return NESTED.submit(square, x).result(TIMEOUT)
+
+
+START_METHODS = ["spawn", "forkserver", "fork"]
+
+
+class TestForks:
+    @pytest.mark.parametrize("method", START_METHODS)
+    def test_process_tasks_see_no_request_whatever_the_start_method(self, make_executor, method):
+        app, executor = make_executor(
+            EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=1, EXECUTOR_START_METHOD=method
+        )
+        for user in ["alice", "bob", "carol"]:  # alice's request is active when workers start
+            with app.test_request_context(f"/me?user={user}"):
+                seen = executor.submit(request_seen_in_process).result(TIMEOUT)
+            assert seen == (False, False, seen[2]), seen
+            assert "outside of request context" in seen[2], seen
+
+    @pytest.mark.parametrize("method", START_METHODS)
+    def test_start_method_is_the_one_configured(self, make_executor, monkeypatch, method):
+        monkeypatch.setattr(sys.modules[__name__], "MARK", "changed in the web process")
+        app, executor = make_executor(EXECUTOR_TYPE="process", EXECUTOR_START_METHOD=method)
+        with app.app_context():
+            mark = executor.submit(read_mark).result(TIMEOUT)
+        assert mark == ("changed in the web process" if method == "fork" else "as imported")
+
+    def test_default_start_method_is_spawn(self, make_executor, monkeypatch):
+        monkeypatch.setattr(sys.modules[__name__], "MARK", "changed in the web process")
+        app, executor = make_executor(EXECUTOR_TYPE="process")
+        assert app.config["EXECUTOR_START_METHOD"] == "spawn"
+        with app.app_context():
+            assert executor.submit(read_mark).result(TIMEOUT) == "as imported"
+
+    def test_bad_start_method_names_the_key(self):
+        with pytest.raises(ValueError, match=r"EXECUTOR_START_METHOD='vfork' is not a start"):
+            Executor(make_app(EXECUTOR_TYPE="process", EXECUTOR_START_METHOD="vfork"))
+
+    @pytest.mark.parametrize("method", ["spawn", "fork"])
+    def test_process_task_can_submit_to_its_own_executor(self, executors, method):
+        NESTED_APP.config["NESTED_EXECUTOR_START_METHOD"] = method
+        outer = Executor(make_app(EXECUTOR_TYPE="process", EXECUTOR_START_METHOD=method))
+        executors.append(outer)
+        with NESTED_APP.app_context():  # NESTED's pool in this process is started first
+            assert NESTED.submit(square, 2).result(TIMEOUT) == 4
+        futures = [outer.submit(square_via_own_executor, n) for n in range(4)]
+        assert [f.result(TIMEOUT) for f in futures] == [0, 1, 4, 9]
+
+    @pytest.mark.parametrize(
+        ("backend", "method"),
+        [("thread", "fork"), ("process", "fork"), ("process", "forkserver"), ("gevent", "fork")],
+    )
+    @pytest.mark.parametrize("warm", [True, False], ids=["warm", "cold"])
+    def test_os_fork_children_get_their_own_pool_and_futures(self, backend, method, warm):
+        if backend == "gevent":
+            pytest.importorskip("gevent")
+        out = run_script(
+            f"""
+            import gc, json, os, signal, sys
+            from flask import Flask
+            from flask_executor import Executor
+            from test_flask_executor import add, fail, settle, square
+
+            app = Flask("forked")
+            app.config.update(EXECUTOR_TYPE={backend!r}, EXECUTOR_MAX_WORKERS=2,
+                              EXECUTOR_START_METHOD={method!r})
+            executor = Executor(app)
+            if {warm}:  # pools, threads and processes started before the fork
+                with app.app_context():
+                    assert executor.submit(square, 3).result(30) == 9
+                    executor.submit_stored("parent", square, 4).result(30)
+                    settle(executor.submit_stored("parent-fail", fail, "the parent's to read"))
+            children = []
+            for child in (1, 2):
+                pid = os.fork()
+                if pid == 0:
+                    signal.alarm(60)
+                    with app.app_context():
+                        got = [executor.submit(add, n, 1000 * child).result(30) for n in range(20)]
+                        ok = got == [n + 1000 * child for n in range(20)]
+                        own = executor.futures.done("parent") is None
+                    gc.collect()  # the parent's futures, dropped here, are not logged here
+                    line = json.dumps({{"child": child, "ok": ok, "parent_key_gone": own}})
+                    os.write(1, (line + "\\n").encode())  # one write: lines never interleave
+                    os._exit(0)
+                children.append(pid)
+            for pid in children:
+                assert os.waitpid(pid, 0)[1] == 0
+            with app.app_context():  # and the parent's own pool still serves it
+                assert executor.submit(add, 1, 1).result(30) == 2
+                if {warm}:
+                    assert isinstance(executor.futures.pop("parent-fail").exception(), ValueError)
+            executor.shutdown()
+            print("parent ok")
+            """
+        )
+        assert out.returncode == 0, out.stderr
+        assert "never retrieved" not in out.stderr, out.stderr
+        lines = out.stdout.split("\n")
+        results = sorted(json.loads(line)["child"] for line in lines if line.startswith("{"))
+        assert results == [1, 2], out.stdout + out.stderr
+        assert all(
+            json.loads(line) | {"child": 0} == {"child": 0, "ok": True, "parent_key_gone": True}
+            for line in lines
+            if line.startswith("{")
+        ), out.stdout
+        assert "parent ok" in out.stdout
+
+
+@pytest.mark.parametrize("method", START_METHODS)
+def test_pool_workers_exit_when_their_owner_is_killed(method, tmp_path):
+    pids_file = tmp_path / "pids"
+    owner = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import os, signal
+            from flask import Flask
+            from flask_executor import Executor
+            from test_flask_executor import worker_pid
+
+            app = Flask("owner")
+            app.config.update(EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=2,
+                              EXECUTOR_START_METHOD={method!r})
+            executor = Executor(app)
+            pids = {{executor.submit(worker_pid).result(30) for _ in range(8)}}
+            open({str(pids_file)!r}, "w").write(" ".join(map(str, pids)))
+            os.kill(os.getpid(), signal.SIGKILL)  # as gunicorn kills a worker on --timeout
+        """)],
+        cwd=HERE, env={**os.environ, "PYTHONPATH": str(HERE)}, start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert owner.wait(TIMEOUT) == -signal.SIGKILL
+        pids = [int(pid) for pid in pids_file.read_text().split()]
+        deadline = time.monotonic() + TIMEOUT
+        while (alive := [pid for pid in pids if is_running(pid)]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert alive == [], f"worker processes outlived their owner: {alive}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(owner.pid, signal.SIGKILL)
+
+
+def is_running(pid: int) -> bool:
+    """Whether a process exists and is not a zombie (an orphan is reaped by init)."""
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+
+
+def test_shutdown_before_a_fork_holds_in_the_child():
+    out = run_script(
+        """
+        import os
+        from flask import Flask
+        from flask_executor import Executor
+        from test_flask_executor import square
+
+        app = Flask("shut")
+        executor = Executor(app)
+        executor.shutdown()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                executor.submit(square, 2)
+                os._exit(1)  # accepted: wrong
+            except RuntimeError as exc:
+                os._exit(0 if "after shutdown" in str(exc) else 2)
+        assert os.waitpid(pid, 0)[1] == 0, "the child accepted a task after shutdown()"
+        print("ok")
+        """
+    )
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def echo_in_process(n: str) -> tuple[str, int]:
+    time.sleep(0.02)  # long enough that requests overlap and spread over the workers
+    return n, os.getpid()
+
+
+def echo_in_task() -> tuple[str, int]:
+    time.sleep(0.02)  # cooperative under gevent's monkey-patching
+    return f"{request.args['id']}/{g.rid}", os.getpid()
+
+
+def preload_app() -> Flask:
+    """The app the --preload tests serve: built in gunicorn's master, then forked."""
+    app = Flask("preloaded")
+    executor = Executor(app)  # EXECUTOR_* from the environment
+    process = app.config["EXECUTOR_TYPE"] == "process"
+    if os.environ.get("WARM_UP"):  # a task run in the master before it forks its workers
+        with app.app_context():
+            assert executor.submit(square, 3).result(TIMEOUT) == 9
+            executor.submit_stored("master", square, 4).result(TIMEOUT)
+
+    @app.route("/task")
+    def task() -> dict[str, object]:
+        g.rid = n = request.args["id"]
+        future = executor.submit(echo_in_process, n) if process else executor.submit(echo_in_task)
+        got, pid = future.result(TIMEOUT)
+        leaked = executor.futures.done("master")
+        return {"got": got, "task_pid": pid, "worker": os.getpid(), "master_key": leaked}
+
+    return app
+
+
+@pytest.mark.parametrize("warm", [True, False], ids=["warm", "cold"])
+@pytest.mark.parametrize(
+    ("worker", "executor_type"), [("sync", "process"), ("gthread", "thread"), ("gevent", "gevent")]
+)
+def test_gunicorn_preload_every_result_is_its_own_request(worker, executor_type, warm):
+    pytest.importorskip("gunicorn")
+    if worker == "gevent":
+        pytest.importorskip("gevent")
+    port = free_port()
+    argv = [sys.executable, "-m", "gunicorn", "--preload", "-k", worker, "-w", "4",
+            "--threads", "2", "--worker-connections", "2", "-b", f"127.0.0.1:{port}",
+            "test_flask_executor:preload_app()"]  # fmt: skip
+    env = {"EXECUTOR_TYPE": executor_type, "EXECUTOR_MAX_WORKERS": "2"}
+    server = Server(argv, port, **env, **({"WARM_UP": "1"} if warm else {}))
+    try:
+        with cf.ThreadPoolExecutor(8) as clients:
+            replies = list(
+                clients.map(lambda n: http_get(f"{server.base}/task?id={n}"), range(200))
+            )
+    finally:
+        server.stop()
+    expected = [(str(n) if executor_type == "process" else f"{n}/{n}") for n in range(200)]
+    assert [reply["got"] for reply in replies] == expected
+    assert all(reply["master_key"] is None for reply in replies)  # the master's futures stay there
+    assert len({reply["worker"] for reply in replies}) >= 2  # served by several workers
+    if executor_type == "process":  # tasks ran in each worker's own pool, never the master's
+        assert all(reply["task_pid"] != reply["worker"] for reply in replies)
 
 
 # -- reliability: faults healed, nothing lost, no leaks, bounded memory ------------------
