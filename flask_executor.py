@@ -229,13 +229,6 @@ class _Task:
         return None if self.stopped is None else self.stopped()
 
 
-def _run_task(task: _Task, /, *args: Any, **kwargs: Any) -> Any:
-    """Run a task in the captured variables (entered once: a task runs once)."""
-    if task.limit is not None:
-        task.started = time.monotonic()
-    return task.context.run(_in_app_context, task, True, task.fn, args, kwargs)
-
-
 def _run_callback(task: _Task, fn: Callback, future: Future[Any]) -> None:
     """Run a done-callback as its task ran; any exception is logged, never raised: a
     SystemExit raised here would end the pool's thread, and every task queued behind it."""
@@ -263,6 +256,8 @@ def _in_app_context(task: _Task, is_task: bool, fn: Task, args: Any, kwargs: Any
     """
     if is_task:
         _current.set(task)
+        if task.limit is not None:
+            task.started = time.monotonic()
     if not task.push:
         return _call(task, fn, args, kwargs) if is_task else fn(*args, **kwargs)
     app_ctx = _push(task.app, task.g_attrs)
@@ -1044,8 +1039,8 @@ class _AppState:
         app_ctx = _cv_app.get(None)
         g_attrs = app_ctx.g.__dict__.copy() if self.push and app_ctx is not None else None
         task = _Task(self.app, g_attrs, self.push, fn, self.limit)
-        if self.contexts:
-            fn, args = _run_task, (task, *args)
+        if self.contexts:  # in the captured variables (entered once: a task runs once)
+            fn, args, kwargs = task.context.run, (_in_app_context, task, True, fn, args, kwargs), {}
         pool = self.pool
         try:
             future = pool.submit(fn, *args, **kwargs)
@@ -1195,7 +1190,10 @@ class Executor(concurrent.futures.Executor):
         1.0's keyword form ``submit(fn=task, ...)`` works too."""
         if fn is None:
             fn = kwargs.pop("fn", None)
-        state = self._state()
+        app_ctx = _cv_app.get(None)  # _state()'s common case, inline: the submit path
+        state = None if app_ctx is None else app_ctx.app.extensions.get(self._state_key)
+        if state is None or state.pid != _pid:
+            state = self._state()
         future = state.start(fn, args, kwargs)
         if state.propagate or self._default_callbacks:
             state.attach_callbacks(future, fn)
@@ -1627,6 +1625,13 @@ def _ask_to_stop(pool: _ProcessPool, number: int, future: Any, ended: bool = Fal
 # Polls read the state only; the outcome is loaded by result() and exception(). A popped
 # row loses its key (it becomes 'd:<token>') but stays readable by its token, for whoever
 # still waits on it, until it has been finished for _POPPED_KEPT seconds.
+# Locks: a _SharedFutures' _watch_lock guards its _local tasks and _watching (never held
+# while the store is read); a SQLite store's _idle_lock guards its idle connections, and
+# _connect_lock with a lockf on the "-lock" file lets one thread of one process open the
+# file at a time. Order: a Future's _condition (a stop stores itself through _gate), then
+# the store's own. After a fork the child opens its own connections (the parent's are kept,
+# never used), holds its own Redis lease from its first claim, and builds its own
+# _SharedFutures (own_pool), whose watcher thread starts on first use.
 PENDING, RUNNING, FINISHED, CANCELLED = "pending", "running", "finished", "cancelled"
 _POPPED_KEPT = 24 * 3600.0  # a day: long enough for any reader still waiting on a pop
 _WATCH_EVERY = 0.5  # seconds between reads of the store for cancels of running tasks

@@ -3412,8 +3412,9 @@ class Server:
                     return
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
+                    output = self.output()
                     self.stop()
-                    raise RuntimeError(f"server did not start: {self.output()}") from None
+                    raise RuntimeError(f"server did not start: {output}") from None
                 time.sleep(0.1)
 
     def output(self) -> str:
@@ -3429,6 +3430,7 @@ class Server:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(20)
+        self.log.close()  # (its output is read before the server is stopped)
 
 
 def drive(base: str, requests: int, wait: float) -> dict[str, int]:
