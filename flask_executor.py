@@ -756,7 +756,8 @@ class _ProcessPool(concurrent.futures.ProcessPoolExecutor):
         name = getattr(fn, "__qualname__", "")
         if "<lambda>" in name or "<locals>" in name:
             raise TypeError(_unpicklable(fn, "a lambda or nested function has no importable name"))
-        if isinstance(getattr(inspect.unwrap(fn), "__self__", None), Flask):
+        target = inspect.unwrap(fn) if hasattr(fn, "__wrapped__") else fn  # (unwrap is slow)
+        if isinstance(getattr(target, "__self__", None), Flask):
             raise TypeError(_unpicklable(fn, "it is a bound method of the Flask app"))
         number = next(self._numbers)
         future = super().submit(_in_fresh_context, number, self._limit, fn, *args, **kwargs)
