@@ -203,7 +203,7 @@ class _Task:
         self.stopped: Callable[[], BaseException] | None = None
         self.over = False
         self.inside = False  # in its own function (only there may gevent throw a stop in)
-        self.failed = False  # its function raised (see _watch_unread)
+        self.failed = False  # it raised, in its function or around it (see _watch_unread)
 
     def stop_requested(self) -> bool:
         if self.stopped is not None:
@@ -244,6 +244,16 @@ def _task_name(fn: object) -> str:
     """How errors name a task: ``module.qualname``, else its repr (a partial, an object)."""
     name = getattr(fn, "__qualname__", None)
     return f"{getattr(fn, '__module__', None)}.{name}" if isinstance(name, str) else repr(fn)
+
+
+def _run_task(task: _Task, fn: Task, args: Any, kwargs: Any) -> Any:
+    """Run a task (in its captured variables); mark it failed if anything raised, before
+    the pool sees the exception (see _watch_unread)."""
+    try:
+        return _in_app_context(task, True, fn, args, kwargs)
+    except BaseException:
+        task.failed = True
+        raise
 
 
 def _in_app_context(task: _Task, is_task: bool, fn: Task, args: Any, kwargs: Any) -> Any:
@@ -287,7 +297,7 @@ def _call(task: _Task | _WorkerTask, fn: Task, args: Any, kwargs: Any) -> Any:
         if type(result) is types.CoroutineType:  # an async def task: run it to its end
             result = _run_coroutine(result, fn)
     except BaseException:
-        task.inside, task.failed = False, True
+        task.inside = False
         if (error := task.finish()) is None:
             raise
         raise error from None
@@ -328,10 +338,12 @@ def _push(app: Flask, g_attrs: dict[str, Any] | None) -> Any:
     submitter = _cv_app.get(None)
     if _MERGED_CONTEXTS and submitter is not None and submitter.app is app:
         ctx: Any = submitter.copy()  # type: ignore[attr-defined,unused-ignore]
-        ctx._cv_token, ctx._push_count = _cv_app.set(ctx), 1
     else:
         ctx = app.app_context()
-        ctx._cv_tokens.append(_cv_app.set(ctx))  # (an AppContext without a request)
+    if _MERGED_CONTEXTS:
+        ctx._cv_token, ctx._push_count = _cv_app.set(ctx), 1
+    else:
+        ctx._cv_tokens.append(_cv_app.set(ctx))
     if g_attrs:
         ctx.g.__dict__.update(g_attrs)
     return ctx
@@ -439,6 +451,9 @@ class _ContextFuture(Future):  # type: ignore[type-arg]
         )
 
 
+_THREAD_POOL = concurrent.futures.ThreadPoolExecutor  # fails a future only with its task's error
+
+
 class _Unread:
     """Mixed into the class of a future that failed: if nobody ever reads its exception,
     it is logged when the future is dropped, as asyncio does (only failed futures pay for
@@ -463,8 +478,9 @@ class _Unread:
 def _watch_unread(future: Any) -> None:
     """Give a failed future the finalizer that logs an exception nobody read. Called from
     set_exception; and by the submitter, if the pool made a plain Future and the task failed
-    before the submitter gave the future its class (the task's `failed` is set before the
-    pool's set_exception is looked up: whichever comes second sees the other)."""
+    before the submitter gave the future its class (_run_task sets the task's `failed` before
+    the pool looks up set_exception: whichever comes second sees the other). A pool other
+    than ThreadPoolExecutor may fail a future itself: its futures always get the finalizer."""
     cls = type(future)  # (its _captured may not be set yet: the submitter sets it)
     if not issubclass(cls, _Unread):
         unread = _UNREAD.get(cls) or type(cls.__name__, (_Unread, cls), {"__module__": __name__})
@@ -642,7 +658,9 @@ class _GeventFuture(_ContextFuture):
     _greenlet: Any = None  # the greenlet running its task, once started
 
     def __init__(self) -> None:  # Future's own fields, with a lock entered by C code
-        self._condition: Any = _FutureLock()
+        monkey = sys.modules.get("gevent.monkey")  # (patched: greenlets need its own kind)
+        patched = monkey is not None and monkey.is_module_patched("threading")
+        self._condition: Any = threading.Condition() if patched else _FutureLock()
         self._state, self._result, self._exception = "PENDING", None, None
         self._waiters: list[Any] = []
         self._done_callbacks: list[Any] = []
@@ -650,6 +668,8 @@ class _GeventFuture(_ContextFuture):
     def _invoke_callbacks(self) -> None:
         if self._event is not None:  # a greenlet of its hub waits (see _wait)
             self._event.set()
+        if vars(self._condition).pop("notify_all", None):  # done: nobody waits again, and
+            self._condition._waits = None  # the lock and its Condition no longer hold each other
         super()._invoke_callbacks()  # type: ignore[misc]
 
     def _kill(self) -> None:
@@ -1041,15 +1061,16 @@ class _AppState:
         g_attrs = app_ctx.g.__dict__.copy() if self.push and app_ctx is not None else None
         task = _Task(self.app, g_attrs, self.push, fn, self.limit)
         if self.contexts:  # in the captured variables (entered once: a task runs once)
-            fn, args, kwargs = task.context.run, (_in_app_context, task, True, fn, args, kwargs), {}
+            fn, args, kwargs = task.context.run, (_run_task, task, fn, args, kwargs), {}
         pool = self.pool
         try:
             future = pool.submit(fn, *args, **kwargs)
         except concurrent.futures.BrokenExecutor:
             future = self._replace_broken(pool).submit(fn, *args, **kwargs)
         if type(future) is Future:  # the thread pool's (or a pool of yours)
-            future.__class__ = _ContextFuture
-            if task.failed or not self.contexts:  # it may have failed before the line above
+            future.__class__ = _ContextFuture  # it may have failed before this line:
+            pool_kind = type(pool)
+            if task.failed or not self.contexts or pool_kind is not _THREAD_POOL:
                 _watch_unread(future)
         future._captured = task  # type: ignore[attr-defined]  # for its callbacks and stops
         if self.limit is not None and self.contexts and isinstance(future, _ContextFuture):
@@ -1139,7 +1160,7 @@ class Executor(concurrent.futures.Executor):
         self._state_key = f"{__name__}:{self._key}"
         self._apps: list[weakref.ref[Flask]] = []  # the apps it serves; dead ones drop out
         self._default_callbacks: list[Callback] = []
-        self.app = app  # 1.0's attribute; it also keeps an app made in the call alive
+        self.app = app  # 1.0's attribute: the app given last (kept alive, as 1.0 kept it)
         if app is not None:
             self.init_app(app)
 
@@ -1163,6 +1184,7 @@ class Executor(concurrent.futures.Executor):
             old.shutdown(wait=False, cancel_futures=False)
         app.extensions[self._state_key] = state
         app.extensions[self._key] = self
+        self.app = app
         if not any(ref() is app for ref in self._apps):
             self._apps.append(weakref.ref(app, self._apps.remove))
 
@@ -1391,6 +1413,9 @@ class TaskTimeout(concurrent.futures.TimeoutError):
 
 
 _stop_lock = threading.Lock()  # guards every _Task's stopped and over
+# True while a greenlet holds a lock that other greenlets of its thread would not wait for
+# (a native one): its waits for a shared store then block the thread (see _sleep).
+_holding: contextvars.ContextVar[bool] = contextvars.ContextVar(f"{__name__}.held", default=False)
 
 
 def stop_requested() -> bool:
@@ -1410,13 +1435,13 @@ class _Stop(BaseException):
 class _WorkerTask:
     """A process task, as its worker sees it: asked to stop through the pool's shared memory."""
 
-    __slots__ = ("deadline", "failed", "inside", "limit", "name", "number", "stopped")
+    __slots__ = ("deadline", "inside", "limit", "name", "number", "stopped")
 
     def __init__(self, number: int, limit: float | None, fn: Task) -> None:
         self.number, self.limit, self.name = number, limit, fn
         self.deadline = None if limit is None else time.monotonic() + limit
         self.stopped: Callable[[], BaseException] | None = None
-        self.inside = self.failed = False
+        self.inside = False
         starts = _worker_shared.starts
         if starts is not None:  # the start first, then the number: a reader checks it
             slot = 2 * (number % _STARTS)
@@ -1560,7 +1585,11 @@ def _stop(future: _ContextFuture, error: Callable[[], BaseException], kill: bool
             return future.cancelled()
         exc: BaseException | None = error()
         if future._gate is not None and kill:
-            exc = future._gate(exc)  # type: ignore[arg-type]
+            holding = _holding.set(True)  # the store's waits must not let the task greenlet
+            try:  # into this future's lock (a gevent future's lock is the thread's)
+                exc = future._gate(exc)  # type: ignore[arg-type]
+            finally:
+                _holding.reset(holding)
             if exc is None:
                 return False
         future._stopped_at = time.monotonic()
@@ -2022,12 +2051,13 @@ class _StoredFuture(Future):  # type: ignore[type-arg]
 
 
 def _sleep(seconds: float) -> None:
-    """Sleep without blocking gevent's hub, in a thread that has one; else a plain sleep
-    (the original time.sleep, where gevent has monkey-patched it)."""
+    """Sleep without blocking gevent's hub, in a thread that has one, unless this greenlet
+    holds a lock another greenlet of the thread could then take too (_holding); else a
+    plain sleep (the original time.sleep, where gevent has monkey-patched it)."""
     gevent = sys.modules.get("gevent")
     if gevent is None:
         return time.sleep(seconds)
-    if _hub_here() is not None:
+    if _hub_here() is not None and not _holding.get():
         return gevent.sleep(seconds)  # type: ignore[no-any-return]
     monkey = sys.modules.get("gevent.monkey")  # not imported: nothing was patched
     (time.sleep if monkey is None else monkey.get_original("time", "sleep"))(seconds)
@@ -2373,7 +2403,11 @@ class SQLiteStore(FuturesStore):
         "-lock" file, the "-wal" and "-shm" are removed first unless the "-gen" marker says
         they belong to the file the path names now (the marker is written after them)."""
         with _connect_lock, open(self.path + "-lock", "a+b") as lock:
-            _lock_file(lock.fileno(), self.path)
+            holding = _holding.set(True)  # (a native lock: no greenlet switch under it)
+            try:
+                _lock_file(lock.fileno(), self.path)
+            finally:
+                _holding.reset(holding)
             try:
                 with open(self.path + "-gen") as gen:
                     fresh = gen.read() == _db_id(self.path)

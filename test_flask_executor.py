@@ -631,6 +631,78 @@ class TestGevent:
         assert cf.wait([future], timeout=TIMEOUT).done == {future}
         assert list(cf.as_completed([future], timeout=TIMEOUT)) == [future]
 
+    @pytest.mark.parametrize("patched", [False, True], ids=["plain", "patched"])
+    def test_cancel_under_a_busy_store_completes_a_gevent_future_once(self, patched):
+        """cancel() stores the cancel while holding the future's lock; the store is busy
+        (SQLite locked by another program), and its wait must not let the task's greenlet
+        into that lock: one completion, one run of the done-callbacks."""
+        out = run_script(
+            f"""
+            import os, subprocess, sys, tempfile
+            if {patched}:
+                from gevent import monkey; monkey.patch_all()
+            import gevent
+            from flask import Flask
+            from flask_executor import Executor, stop_requested
+            from test_flask_executor import HOLD_LOCK
+
+            db = os.path.join(tempfile.mkdtemp(), "s.db")
+            app = Flask("once")
+            app.secret_key = "k"
+            app.config.update(EXECUTOR_TYPE="gevent", EXECUTOR_FUTURES_STORE=f"sqlite:///{{db}}")
+            executor = Executor(app)
+            calls = []
+            executor.add_default_done_callback(lambda f: calls.append(f._state))
+
+            def task():
+                while not stop_requested():
+                    gevent.sleep(0.002)
+
+            with app.app_context():
+                future = executor.submit_stored("k", task)
+                while not future.running():
+                    gevent.sleep(0.005)
+                holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, db, "0.4",
+                                          "IMMEDIATE"], stdout=subprocess.PIPE, text=True)
+                assert holder.stdout.readline().strip() == "locked"
+                assert future.cancel() is True
+                holder.wait(30)
+                gevent.sleep(1)
+                print(future._state, future._exception, calls)
+            """
+        )
+        assert out.stdout.strip() == "CANCELLED_AND_NOTIFIED None ['CANCELLED_AND_NOTIFIED']", (
+            out.stdout + out.stderr
+        )
+
+    def test_a_gevent_future_a_thread_waited_on_needs_no_gc(self):
+        import _thread
+
+        future = flask_executor._GeventFuture()
+        future._hub = object()  # another thread's hub: result() blocks this thread
+        box = [future]
+
+        def complete() -> None:
+            waited = box.pop()
+            deadline = time.monotonic() + TIMEOUT
+            while waited._condition._waits is None and time.monotonic() < deadline:
+                time.sleep(0.001)  # until result() waits on the condition
+            waited.set_running_or_notify_cancel()
+            waited.set_result(1)
+
+        completer = threading.Thread(target=complete)
+        completer.start()
+        assert future.result(TIMEOUT) == 1
+        completer.join(TIMEOUT)  # (its frame, which held the future, is gone)
+        lock = weakref.ref(future._condition)
+        assert isinstance(lock(), _thread.RLock)
+        gc.disable()
+        try:
+            del future
+            assert lock() is None  # the lock and its Condition did not hold each other
+        finally:
+            gc.enable()
+
     def test_import_does_not_import_gevent(self):
         out = run_script(
             """
@@ -924,12 +996,16 @@ class TestExtension:
         with pytest.raises(RuntimeError, match="init_app"):
             futures.done("k")  # using it before any init_app does not
 
-    def test_app_given_to_the_constructor_is_kept_alive(self, executors):
+    def test_the_app_given_last_is_kept_alive(self, executors):
         executor = Executor(make_app())  # the app is held by nothing else, as 1.0 allowed
         executors.append(executor)
         gc.collect()
         assert executor.submit(square, 3).result(TIMEOUT) == 9  # no app context pushed
         assert executor.app.name == "test_app"  # 1.0's attribute
+        executor.init_app(Flask("second"))  # again, held by nothing else
+        gc.collect()  # the first app, dropped by everyone, is gone: one app is served
+        assert executor.submit(square, 4).result(TIMEOUT) == 16
+        assert executor.app.name == "second"
 
     def test_app_factory_pattern(self, executors):
         executor = Executor()
@@ -3000,6 +3076,37 @@ class TestStoresHoldTheirGround:
 class TestStoreProbes:
     """What the prober of #21 found: each failed before its fix."""
 
+    def test_two_greenlets_opening_a_replaced_sqlite_file_never_hang_the_hub(self, tmp_path):
+        """Not monkey-patched: two greenlets need a new connection while another program
+        briefly holds the store's -lock file; the one waiting for it must not switch to
+        the other while it holds this process's native _connect_lock."""
+        path = str(tmp_path / "s.db")
+        hold = "import fcntl, sys, time\n" + (
+            "lock = open(sys.argv[1], 'a+b'); fcntl.lockf(lock.fileno(), fcntl.LOCK_EX)\n"
+            "print('held', flush=True); time.sleep(0.5)\n"
+        )
+        out = run_script(
+            f"""
+            import os, subprocess, sys
+            import gevent
+            from flask_executor import SQLiteStore
+
+            path = {path!r}
+            store = SQLiteStore(path)
+            for suffix in ("", "-wal", "-shm", "-gen"):  # replaced: made again on first use
+                if os.path.exists(path + suffix):
+                    os.remove(path + suffix)
+            holder = subprocess.Popen([sys.executable, "-c", {hold!r}, path + "-lock"],
+                                      stdout=subprocess.PIPE, text=True)
+            assert holder.stdout.readline().strip() == "held"
+            greenlets = [gevent.spawn(store.keys) for _ in range(2)]
+            gevent.joinall(greenlets, timeout=20)
+            print([g.value for g in greenlets])
+            """,
+            timeout=60,
+        )
+        assert out.stdout.strip() == "[[], []]", out.stdout + out.stderr
+
     def test_a_cancel_under_a_locked_store_never_holds_the_future(self, make_executor,
                                                                   tmp_path):  # fmt: skip
         url, path = f"sqlite:///{tmp_path}/futures.db", str(tmp_path / "futures.db")
@@ -4021,9 +4128,10 @@ class TestNothingSilent:
         assert record.levelno == logging.WARNING
         assert "'a'" in record.getMessage() and "EXECUTOR_FUTURES_MAX_LENGTH" in record.getMessage()
 
-    @pytest.mark.parametrize("contexts", [True, False])
+    @pytest.mark.parametrize(("contexts", "failing"),
+                             [(True, "task"), (False, "task"), (True, "teardown")])  # fmt: skip
     def test_unread_exception_logged_when_the_pool_ran_the_task_inside_submit(
-        self, make_executor, caplog, contexts
+        self, make_executor, caplog, contexts, failing
     ):
         class RunsInSubmit(cf.Executor):  # a pool of yours that is done before submit returns
             def submit(self, fn, /, *args, **kwargs):
@@ -4047,8 +4155,12 @@ class TestNothingSilent:
 
         Backend_.contexts = contexts
         app, executor = make_executor(EXECUTOR_TYPE=Backend_())
+        task = functools.partial(fail, "read by nobody")
+        if failing == "teardown":  # it fails around the task, not in it
+            app.teardown_appcontext(lambda exc: g.get("in_task") and fail("read by nobody"))
+            task = functools.partial(setattr, g, "in_task", True)
         with app.app_context():
-            future = executor.submit(fail, "read by nobody")
+            future = executor.submit(task)
         assert future.done()  # before submit returned, so before the future got its class
         del future
         gc.collect()  # the traceback's frames reach submit's, which held the future
