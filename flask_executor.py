@@ -431,9 +431,11 @@ class _ContextFuture(Future):  # type: ignore[type-arg]
             if self._state != "FINISHED":  # else the task's own TimeoutError (a TaskTimeout)
                 raise self._timed_out(timeout) from None
             self._retrieved = True
-            raise
+            del self  # the raise puts this frame in the traceback that the future holds:
+            raise  # without self in it, no cycle keeps the future alive
         except BaseException:
             self._retrieved = self._retrieved or self._state == "FINISHED"
+            del self
             raise
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
@@ -684,7 +686,11 @@ class _GeventFuture(_ContextFuture):
 
     def result(self, timeout: float | None = None) -> Any:
         self._wait(timeout)
-        return super().result(timeout)
+        try:
+            return super().result(timeout)
+        except BaseException:
+            del self  # see _ContextFuture.result
+            raise
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         self._wait(timeout)

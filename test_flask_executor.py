@@ -4168,6 +4168,23 @@ class TestNothingSilent:
         assert "never retrieved" in record.getMessage() and "read by nobody" in caplog.text
 
     @pytest.mark.parametrize("backend", ["thread", "process", "gevent"])
+    def test_a_future_whose_result_raised_needs_no_gc(self, make_executor, backend):
+        if backend == "gevent":
+            pytest.importorskip("gevent")
+        app, executor = make_executor(EXECUTOR_TYPE=backend)
+        with app.app_context():
+            future = executor.submit(fail, "read once")
+            with contextlib.suppress(ValueError):
+                future.result(TIMEOUT)
+        freed = weakref.ref(future)
+        gc.disable()  # the raise added result()'s frames to the traceback the future holds
+        try:
+            del future
+            assert freed() is None
+        finally:
+            gc.enable()
+
+    @pytest.mark.parametrize("backend", ["thread", "process", "gevent"])
     def test_unretrieved_exception_is_logged_once(self, make_executor, caplog, backend):
         if backend == "gevent":
             pytest.importorskip("gevent")
