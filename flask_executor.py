@@ -247,10 +247,10 @@ def _task_name(fn: object) -> str:
 
 
 def _run_task(task: _Task, fn: Task, args: Any, kwargs: Any) -> Any:
-    """Run a task (in its captured variables); mark it failed if anything raised, before
-    the pool sees the exception (see _watch_unread)."""
+    """Run a task in its captured variables (entered once: a task runs once); mark it
+    failed if anything raised, before the pool sees the exception (see _watch_unread)."""
     try:
-        return _in_app_context(task, True, fn, args, kwargs)
+        return task.context.run(_in_app_context, task, True, fn, args, kwargs)
     except BaseException:
         task.failed = True
         raise
@@ -453,6 +453,7 @@ class _ContextFuture(Future):  # type: ignore[type-arg]
         )
 
 
+_NOTHING: dict[str, Any] = {}  # no keyword arguments (one dict, not one per submit)
 _THREAD_POOL = concurrent.futures.ThreadPoolExecutor  # fails a future only with its task's error
 
 
@@ -1066,8 +1067,8 @@ class _AppState:
         app_ctx = _cv_app.get(None)
         g_attrs = app_ctx.g.__dict__.copy() if self.push and app_ctx is not None else None
         task = _Task(self.app, g_attrs, self.push, fn, self.limit)
-        if self.contexts:  # in the captured variables (entered once: a task runs once)
-            fn, args, kwargs = task.context.run, (_run_task, task, fn, args, kwargs), {}
+        if self.contexts:
+            fn, args, kwargs = _run_task, (task, fn, args, kwargs), _NOTHING
         pool = self.pool
         try:
             future = pool.submit(fn, *args, **kwargs)
