@@ -280,8 +280,10 @@ def _in_app_context(task: _Task, is_task: bool, fn: Task, args: Any, kwargs: Any
         error = exc
         raise
     finally:
-        _pop(app_ctx, error, is_task)
-        error = None  # the traceback holds this frame: no cycle keeping the task alive
+        try:
+            _pop(app_ctx, error, is_task)
+        finally:
+            error = None  # the traceback holds this frame: no cycle keeping the task alive
 
 
 def _call(task: _Task | _WorkerTask, fn: Task, args: Any, kwargs: Any) -> Any:
@@ -300,11 +302,17 @@ def _call(task: _Task | _WorkerTask, fn: Task, args: Any, kwargs: Any) -> Any:
         task.inside = False
         if (error := task.finish()) is None:
             raise
-        raise error from None
+        try:
+            raise error from None
+        finally:
+            error = None  # the traceback holds this frame: no cycle keeping the task alive
     task.inside = False
     if (error := task.finish()) is None:
         return result
-    raise error
+    try:
+        raise error
+    finally:
+        error = None
 
 
 def _run_coroutine(coroutine: Any, fn: Task) -> Any:
@@ -427,8 +435,8 @@ class _ContextFuture(Future):  # type: ignore[type-arg]
     def result(self, timeout: float | None = None) -> Any:
         try:
             return Future.result(self, timeout)
-        except concurrent.futures.TimeoutError:
-            if self._state != "FINISHED":  # else the task's own TimeoutError (a TaskTimeout)
+        except concurrent.futures.TimeoutError as exc:
+            if exc is not self._exception:  # the wait timed out (not the task's TaskTimeout)
                 raise self._timed_out(timeout) from None
             self._retrieved = True
             del self  # the raise puts this frame in the traceback that the future holds:
@@ -459,8 +467,9 @@ _THREAD_POOL = concurrent.futures.ThreadPoolExecutor  # fails a future only with
 
 class _Unread:
     """Mixed into the class of a future that failed: if nobody ever reads its exception,
-    it is logged when the future is dropped, as asyncio does (only failed futures pay for
-    a finalizer)."""
+    it is logged when the future is dropped, as asyncio does. A thread or gevent future
+    gets it only once it fails (a finalizer costs every task that has one); a process
+    pool's, or one from a pool of yours, gets it at once (see _watch_unread)."""
 
     def __del__(self) -> None:
         future: Any = self
@@ -545,6 +554,8 @@ class _GeventExecutor(concurrent.futures.Executor):
         self._get_hub, self._getcurrent = gevent.get_hub, gevent.getcurrent
         self._pool = gevent.pool.Pool(max_workers)
         self._size = max_workers
+        monkey = sys.modules.get("gevent.monkey")  # gevent patches before the app is built
+        self._patched = monkey is not None and monkey.is_module_patched("threading")
         # Tasks that found every slot busy, oldest first: a full Pool.spawn would block.
         self._waiting: collections.deque[_Call] = collections.deque()
         self._shutdown = False
@@ -560,7 +571,7 @@ class _GeventExecutor(concurrent.futures.Executor):
                 "gevent.pywsgi) or call gevent.monkey.patch_all() first, or use "
                 "EXECUTOR_TYPE='thread'"
             )
-        future = _GeventFuture()
+        future = _GeventFuture(self._patched)
         future._hub = self._get_hub()  # the hub whose loop will run the greenlet
         call = _Call(future, fn, args, kwargs)
         if self._size is not None and len(self._pool.greenlets) >= self._size:  # full
@@ -660,9 +671,8 @@ class _GeventFuture(_ContextFuture):
     _event: Any = None  # one gevent Event, set when done: polling adds nothing per call
     _greenlet: Any = None  # the greenlet running its task, once started
 
-    def __init__(self) -> None:  # Future's own fields, with a lock entered by C code
-        monkey = sys.modules.get("gevent.monkey")  # (patched: greenlets need its own kind)
-        patched = monkey is not None and monkey.is_module_patched("threading")
+    def __init__(self, patched: bool = False) -> None:  # Future's fields; a lock entered in C
+        # (where threading is monkey-patched, greenlets must wait for the lock: its own kind)
         self._condition: Any = threading.Condition() if patched else _FutureLock()
         self._state, self._result, self._exception = "PENDING", None, None
         self._waiters: list[Any] = []
@@ -1022,7 +1032,8 @@ def _taken(future_key: Any) -> str:
 #
 # Per-app state lives in app.extensions, so one Executor serves several apps. Locks of the
 # core, in the order they may be taken: a futures dict's _lock, then an app's _pool_lock
-# (replacing a broken pool) or the pool's own; _fork_lock is taken alone.
+# (replacing a broken pool), the pool's own, or _fork_lock (the watchdog started in a child);
+# under _fork_lock a pool is built, or shut down, and nothing else is locked.
 
 
 class _AppState:
@@ -1401,7 +1412,8 @@ del _name, _names, _module, _one_zero
 # - a gevent task is also killed for real: the stop is thrown in at its next switch (as
 #   gevent's kill), only while it is inside its own function, never in our code around it.
 # Locks, in the order they are taken: a Future's _condition, then _stop_lock (held for a
-# few assignments only). The watchdog's `changed` is never held while a future is touched.
+# few assignments only); the watchdog's `changed`, then a Future's _condition (pruning reads
+# done()): never the other way round.
 # After a fork: _stop_lock is made anew, and the watchdog is started again on first use.
 
 
@@ -1531,7 +1543,7 @@ class _Watchdog(threading.Thread):
             if len(self.due) > 1024 and len(self.due) & 1023 == 0:  # done long before
                 self.due = [due for due in self.due if not due.limit.done()]
                 heapq.heapify(self.due)
-            if self.due[0].limit is limit:
+            if self.due and self.due[0].limit is limit:
                 self.changed.notify()
 
     def run(self) -> None:
@@ -1987,7 +1999,11 @@ class _StoredFuture(Future):  # type: ignore[type-arg]
         with self._condition:
             if self._state != "FINISHED" or self._loaded:
                 return
-            blob = self._futures.store.outcome(self._token)
+            holding = _holding.set(True)  # (its lock is native: see _sleep)
+            try:
+                blob = self._futures.store.outcome(self._token)
+            finally:
+                _holding.reset(holding)
             signer = self._futures.signer
             data = None if blob is None else signer.verify(self._key, self._token, blob)
             value: Any
@@ -2010,7 +2026,11 @@ class _StoredFuture(Future):  # type: ignore[type-arg]
     def _refresh(self) -> None:
         with self._condition:  # one read at a time resolves it
             if self._state in ("PENDING", "RUNNING"):
-                self._update(self._futures.store.read(token=self._token))
+                holding = _holding.set(True)  # (its lock is native: see _sleep)
+                try:
+                    self._update(self._futures.store.read(token=self._token))
+                finally:
+                    _holding.reset(holding)
 
     def done(self) -> bool:
         self._refresh()
@@ -2085,9 +2105,6 @@ class _SharedFutures(FutureCollection):
         self._local: weakref.WeakValueDictionary[str, Future[Any]] = weakref.WeakValueDictionary()
         self._watching = False  # a thread watches the store for cancels of _local's tasks
         self._watch_lock = threading.Lock()  # guards _watching
-
-    def add(self, future_key: Any, future: Future[Any]) -> None:
-        self._store(future_key, future, lambda _: future)
 
     def _store(self, future_key: Any, fn: Any, start: Callable[[Task], Future[T]]) -> Future[T]:
         text, token = _key_text(future_key), os.urandom(16).hex()
@@ -2212,9 +2229,6 @@ class _SharedFutures(FutureCollection):
             key, token = getattr(future, "_stored", ("", ""))
         row = self.store.read(key=key) if key else None
         return row is not None and row.token == token
-
-    def values(self) -> list[Future[Any]]:
-        return [future for _, future in self.items()]
 
     def items(self) -> list[tuple[Any, Future[Any]]]:
         futures = ((key, self.get(key)) for key in self.keys())
@@ -2409,12 +2423,15 @@ class SQLiteStore(FuturesStore):
         replaced file would be read as the new file's: so, under an exclusive lock on the
         "-lock" file, the "-wal" and "-shm" are removed first unless the "-gen" marker says
         they belong to the file the path names now (the marker is written after them)."""
+        holding = _holding.set(True)  # (_connect_lock is native: no greenlet switch under it)
+        try:
+            return self._connect_locked()
+        finally:
+            _holding.reset(holding)
+
+    def _connect_locked(self) -> _Connection:
         with _connect_lock, open(self.path + "-lock", "a+b") as lock:
-            holding = _holding.set(True)  # (a native lock: no greenlet switch under it)
-            try:
-                _lock_file(lock.fileno(), self.path)
-            finally:
-                _holding.reset(holding)
+            _lock_file(lock.fileno(), self.path)
             try:
                 with open(self.path + "-gen") as gen:
                     fresh = gen.read() == _db_id(self.path)

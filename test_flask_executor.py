@@ -1248,9 +1248,9 @@ def test_flask_private_names_we_rely_on_are_where_we_expect():
     merged = flask_executor._MERGED_CONTEXTS
     names = ["_cv_token", "_push_count"] if merged else ["_cv_tokens"]
     missing = [name for name in names if not hasattr(ctx, name)]
-    assert not missing, f"Flask's AppContext no longer has {missing}: update _enter/_leave"
+    assert not missing, f"Flask's AppContext no longer has {missing}: update _push/_pop"
     takes_ctx = "ctx" in inspect.signature(Flask.do_teardown_appcontext).parameters
-    assert takes_ctx is merged, "do_teardown_appcontext's signature changed: update _teardown"
+    assert takes_ctx is merged, "do_teardown_appcontext's signature changed: update _pop"
 
 
 def test_gevent_private_names_we_rely_on_are_where_we_expect():
@@ -2156,6 +2156,45 @@ def test_limits_and_cancel_under_gevent_monkey_patching():
         """
     )
     assert result.stdout.strip() == "ok", result.stderr
+
+
+class TestStopLeftovers:
+    """What a stop leaves behind: nothing kept alive, no watchdog lost."""
+
+    def test_the_watchdog_survives_pruning_every_entry(self):
+        watchdog = flask_executor._Watchdog()  # not started: add() alone
+        done: list[cf.Future] = []
+        for _ in range(2048):  # pruned at each multiple of 1024, when all are done
+            future = cf.Future()
+            future.set_result(None)
+            done.append(future)
+            watchdog.add(flask_executor._Limit(future, lambda: None, square, 10.0))
+        assert watchdog.due == []  # the 2048th add pruned them all, and did not raise
+
+    def test_a_stopped_task_and_its_arguments_need_no_gc(self, make_executor):
+        app, executor = make_executor()
+        started = threading.Event()
+
+        class Arg:
+            pass
+
+        def task(arg):
+            started.set()
+            while not flask_executor.stop_requested():
+                time.sleep(0.005)
+
+        arg = Arg()
+        freed = weakref.ref(arg)
+        gc.disable()  # the stop error's traceback must not hold the task's frames in a cycle
+        try:
+            with app.app_context():
+                future = executor.submit(task, arg)
+                del arg
+                assert started.wait(TIMEOUT)
+                assert future.cancel()
+            wait_until(lambda: freed() is None)
+        finally:
+            gc.enable()
 
 
 # -- 8. Shared stores: SQLite and Redis (EXECUTOR_FUTURES_STORE) ---------------------
@@ -3075,6 +3114,36 @@ class TestStoresHoldTheirGround:
 
 class TestStoreProbes:
     """What the prober of #21 found: each failed before its fix."""
+
+    def test_two_greenlets_opening_a_locked_new_sqlite_file_never_hang_the_hub(self, tmp_path):
+        """Not monkey-patched: another program creates the file and holds it locked; the
+        greenlet waiting for it in _open must not switch to another greenlet while it
+        holds this process's native _connect_lock."""
+        path = str(tmp_path / "s.db")
+        hold = (
+            "import sqlite3, sys, time\n"
+            "db = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+            "db.execute('BEGIN EXCLUSIVE'); db.execute('CREATE TABLE x (a)')\n"
+            "print('locked', flush=True); time.sleep(0.8); db.execute('COMMIT')\n"
+        )
+        out = run_script(
+            f"""
+            import subprocess, sys
+            import gevent
+            from flask_executor import SQLiteStore
+
+            holder = subprocess.Popen([sys.executable, "-c", {hold!r}, {path!r}],
+                                      stdout=subprocess.PIPE, text=True)
+            assert holder.stdout.readline().strip() == "locked"
+            store = SQLiteStore.__new__(SQLiteStore)
+            store._setup({path!r}, "ns")
+            greenlets = [gevent.spawn(store.keys) for _ in range(2)]
+            gevent.joinall(greenlets, timeout=20)
+            print([g.value for g in greenlets])
+            """,
+            timeout=60,
+        )
+        assert out.stdout.strip() == "[[], []]", out.stdout + out.stderr
 
     def test_two_greenlets_opening_a_replaced_sqlite_file_never_hang_the_hub(self, tmp_path):
         """Not monkey-patched: two greenlets need a new connection while another program
