@@ -593,6 +593,13 @@ class TestBackends:
 # -- 3b. The gevent backend ----------------------------------------------------------
 
 
+def start_script(script: str) -> subprocess.Popen:
+    """Start a Python script in another process (its stdout a pipe, read line by line)."""
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], cwd=HERE,
+                            env={**os.environ, "PYTHONPATH": str(HERE)},
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+
+
 def run_script(script: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
     """Run a Python script in a fresh interpreter (monkey-patching stays in there)."""
     return subprocess.run(
@@ -1819,9 +1826,7 @@ class TestStopsAreSafe:
                 print(future.cancelled(), flush=True)
                 executor.shutdown(wait=True)
         """
-        owner = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], cwd=HERE,
-                                 env={**os.environ, "PYTHONPATH": str(HERE)},
-                                 stdout=subprocess.PIPE, text=True)  # fmt: skip
+        owner = start_script(script)
         try:
             app = make_app(EXECUTOR_FUTURES_STORE=store_url)
             executor = Executor(app)
@@ -2574,9 +2579,7 @@ class TestSharedStores:
                 cf.wait([queued], timeout=60)
                 print(future.result(60), queued.cancelled(), flush=True)
         """
-        owner = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], cwd=HERE,
-                                 env={**os.environ, "PYTHONPATH": str(HERE)},
-                                 stdout=subprocess.PIPE, text=True)  # fmt: skip
+        owner = start_script(script)
         try:
             app = make_app(EXECUTOR_FUTURES_STORE=store_url)
             executor = Executor(app)
@@ -2610,9 +2613,7 @@ class TestSharedStores:
                 os.write(1, b"%d\\n" % os.getpid())
                 wait_for({str(tmp_path / "never")!r}, 600)
         """
-        owner = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], cwd=HERE,
-                                 env={**os.environ, "PYTHONPATH": str(HERE)},
-                                 stdout=subprocess.PIPE, text=True)  # fmt: skip
+        owner = start_script(script)
         try:
             pid = int(owner.stdout.readline())
             app = make_app(EXECUTOR_FUTURES_STORE=store_url)
