@@ -7,6 +7,7 @@ import asyncio
 import concurrent.futures as cf
 import contextlib
 import contextvars
+import faulthandler
 import functools
 import gc
 import io
@@ -121,13 +122,38 @@ BACKENDS = ["thread", "process"]
 CONTEXT_BACKENDS = ["thread", "gevent"]
 
 
+STUCK: list[str] = []  # tests that left a task running for good
+
+
+def end_run_on_stuck_threads() -> None:
+    """Called as the interpreter exits, before it joins the pool threads: a stuck one would
+    hang it (and CI) for good, so end the process here, failed, naming the tests."""
+    print(f"\nending the run: tasks of {STUCK} never ended", file=sys.__stderr__, flush=True)
+    os._exit(1)
+
+
 @pytest.fixture
-def executors():
-    """Executors made by a test, shut down after it."""
+def executors(request):
+    """Executors made by a test, shut down after it within TIMEOUT, or the test fails with
+    every thread's stack (a task that never ends would otherwise hang the run silently)."""
     made: list[Executor] = []
     yield made
     for executor in made:
-        executor.shutdown(wait=True, cancel_futures=True)
+        app = executor.app
+        if app is not None and app.config.get(executor.EXECUTOR_TYPE) == "gevent":
+            executor.shutdown(wait=True, cancel_futures=True)  # the hub is this thread's
+            continue
+        closer = threading.Thread(
+            target=executor.shutdown, kwargs={"wait": True, "cancel_futures": True}, daemon=True
+        )
+        closer.start()
+        closer.join(TIMEOUT)
+        if closer.is_alive():
+            faulthandler.dump_traceback(sys.__stderr__)
+            if not STUCK:  # runs before the join of the pool threads at exit
+                threading._register_atexit(end_run_on_stuck_threads)  # type: ignore[attr-defined]
+            STUCK.append(request.node.nodeid)
+            pytest.fail(f"the executor did not shut down within {TIMEOUT} s: a task never ended")
 
 
 @pytest.fixture
