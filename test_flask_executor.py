@@ -3496,9 +3496,11 @@ def test_gunicorn_workers_share_stored_futures(worker, executor_type, store, pre
     else:
         url = f"sqlite:///{tmp_path}/futures.db"
     port = free_port()
+    # --worker-connections 2: a worker with two connections open accepts no more, so
+    # concurrent requests are spread over workers (else one may take them all)
     argv = [sys.executable, "-m", "gunicorn", "-k", worker, "-w", "4", "--threads", "4",
-            "-b", f"127.0.0.1:{port}", *(["--preload"] if preload else []),
-            "test_flask_executor:stored_app()"]  # fmt: skip
+            "--worker-connections", "2", "-b", f"127.0.0.1:{port}",
+            *(["--preload"] if preload else []), "test_flask_executor:stored_app()"]  # fmt: skip
     env = {"EXECUTOR_TYPE": executor_type, "EXECUTOR_FUTURES_STORE": url,
            "EXECUTOR_FUTURES_MAX_LENGTH": "1000", "EXECUTOR_MAX_WORKERS": "4"}  # fmt: skip
     server = Server(argv, port, **env)
