@@ -55,7 +55,8 @@ import flask_executor
 from flask_executor import Backend, Executor, ExecutorJob, FutureCollection, ThreadBackend
 
 HERE = Path(__file__).resolve().parent
-TIMEOUT = 30  # seconds any single wait in a test may take before it fails
+# seconds any single wait in a test may take before it fails (a harness test sets it lower)
+TIMEOUT = float(os.environ.get("TESTS_WAIT_SECONDS", "30"))
 
 # -- helpers: module level, so process workers can import them ----------------------
 
@@ -5017,3 +5018,33 @@ def test_readme_gevent_threads_recipe(monkeypatch, executors):
         assert future.result(TIMEOUT) == ("real", future.result()[1])
         assert future.result()[1] != threading.get_ident()  # a real thread, not the caller
     assert called.wait(TIMEOUT) and heard == ["real"]  # its futures are gevent's own proxies
+
+
+# -- the test harness itself ------------------------------------------------------------
+
+
+def test_a_task_that_never_ends_fails_its_test_and_cannot_hang_the_run(tmp_path):
+    """What the README's Tests section says of the executors fixture: a test whose task
+    never ends fails with every thread's stack, and the run ends instead of hanging."""
+    (tmp_path / "test_stuck.py").write_text(
+        textwrap.dedent("""
+        import threading
+        from test_flask_executor import executors, make_executor  # noqa: F401 (fixtures)
+
+        def test_leaves_a_task_running(make_executor):
+            app, executor = make_executor()
+            with app.app_context():
+                executor.submit(threading.Event().wait)
+    """)
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "test_stuck.py"],
+        env={**os.environ, "PYTHONPATH": str(HERE), "TESTS_WAIT_SECONDS": "1"},
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    out = run.stdout + run.stderr
+    assert run.returncode == 1, out
+    assert "did not shut down within 1.0 s" in out, out
+    assert "ERROR test_stuck.py::test_leaves_a_task_running" in out, out
+    assert "ending the run: tasks of ['test_stuck.py::test_leaves_a_task_running']" in out, out
+    assert " in wait" in out, out  # the stuck thread's stack (faulthandler's) was printed
