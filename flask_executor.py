@@ -404,9 +404,8 @@ class _ContextFuture(Future):  # type: ignore[type-arg]
         return _stop(self, functools.partial(_cancelled_error, fn))
 
     def _kill(self) -> None:
-        """Ask the task to stop beyond stop_requested(): the process and gevent pools'."""
-        if self._ask is not None:
-            self._ask(self)
+        """Stop the task beyond stop_requested(): the gevent pool's (a process task was
+        asked in _stop, before its future was made done)."""
 
     def set_result(self, result: Any) -> None:
         if self._ask is not None:  # its worker is done with it: free its stop request
@@ -773,7 +772,8 @@ class _ProcessPool(concurrent.futures.ProcessPoolExecutor):
         self._stops, self._starts = mp_context.RawArray("q", slots), None
         if limit is not None:  # only a pool with a limit pays for knowing when tasks start
             self._starts = mp_context.RawArray("d", 2 * _STARTS)
-        shared = (self._stops, self._starts)
+        self._ends = mp_context.RawArray("q", _STARTS)  # tasks whose function has returned
+        shared = (self._stops, self._starts, self._ends)
         super().__init__(
             max_workers, mp_context=mp_context, initializer=_init_worker, initargs=shared
         )
@@ -807,12 +807,12 @@ class _ProcessPool(concurrent.futures.ProcessPoolExecutor):
         return future
 
 
-def _init_worker(stops: Any, starts: Any) -> None:
+def _init_worker(stops: Any, starts: Any, ends: Any) -> None:
     """Each worker's initializer: keep the shared arrays, and exit soon after the process
     owning the pool dies (a gunicorn worker killed on --timeout), instead of waiting on its
     queue forever."""
     global _worker_shared
-    _worker_shared = _Shared(stops, starts)
+    _worker_shared = _Shared(stops, starts, ends)
     owner = multiprocessing.parent_process()
     if owner is not None:
         threading.Thread(target=_exit_when_gone, args=(owner,), daemon=True).start()
@@ -860,6 +860,7 @@ def _call_in_worker(task: _WorkerTask, fn: Task, args: Any, kwargs: Any) -> Any:
     _current.set(task)
     if (error := task.finish()) is not None:  # cancelled while it waited in the call queue
         raise error
+    task.ran = True
     return _call(task, fn, args, kwargs)
 
 
@@ -1454,13 +1455,13 @@ class _Stop(BaseException):
 class _WorkerTask:
     """A process task, as its worker sees it: asked to stop through the pool's shared memory."""
 
-    __slots__ = ("deadline", "inside", "limit", "name", "number", "stopped")
+    __slots__ = ("deadline", "inside", "limit", "name", "number", "ran", "stopped")
 
     def __init__(self, number: int, limit: float | None, fn: Task) -> None:
         self.number, self.limit, self.name = number, limit, fn
         self.deadline = None if limit is None else time.monotonic() + limit
         self.stopped: Callable[[], BaseException] | None = None
-        self.inside = False
+        self.inside = self.ran = False
         starts = _worker_shared.starts
         if starts is not None:  # the start first, then the number: a reader checks it
             slot = 2 * (number % _STARTS)
@@ -1474,6 +1475,9 @@ class _WorkerTask:
 
     def finish(self) -> BaseException | None:
         """None, or the error its future got in the web process if it was stopped."""
+        ends = _worker_shared.ends
+        if self.ran and ends is not None:  # said before it looks for a stop: a stop the web
+            ends[self.number % _STARTS] = self.number  # process makes after it is refused
         if not self.stop_requested():
             return None
         if self.limit is not None and self.deadline and time.monotonic() >= self.deadline:
@@ -1587,9 +1591,10 @@ class _Shared(NamedTuple):
 
     stops: Any
     starts: Any
+    ends: Any
 
 
-_worker_shared = _Shared(None, None)
+_worker_shared = _Shared(None, None, None)
 
 
 def _stop(future: _ContextFuture, error: Callable[[], BaseException], kill: bool = True) -> bool:
@@ -1600,7 +1605,11 @@ def _stop(future: _ContextFuture, error: Callable[[], BaseException], kill: bool
     outcome (a process task that returned just then), that one stands, here too."""
     task = future._captured
     with future._condition:
-        if future._state != "RUNNING" or (task is not None and kill and not task.stop(error)):
+        if future._state != "RUNNING":
+            return future.cancelled()
+        if kill and future._ask is not None and not future._ask(future):
+            return False  # a process task whose function has returned: its outcome stands
+        if task is not None and kill and not task.stop(error):
             return future.cancelled()
         exc: BaseException | None = error()
         if future._gate is not None and kill:
@@ -1649,18 +1658,26 @@ def _started(pool: _ProcessPool, number: int) -> float | None:
     return when if there >= number and (there - number) % _STARTS == 0 else None
 
 
-def _ask_to_stop(pool: _ProcessPool, number: int, future: Any, ended: bool = False) -> None:
-    """Ask task ``number`` to stop; ``ended``: its outcome came back, free its slot."""
+def _ask_to_stop(pool: _ProcessPool, number: int, future: Any, ended: bool = False) -> bool:
+    """Ask task ``number`` to stop: False if its function has returned (its outcome is on
+    its way: it stands). ``ended``: its outcome came back, free its slot.
+
+    The worker marks the end before it looks for a stop; this reads the mark before it
+    writes the stop. The one race left (the mark lands between the two) is a stop that
+    wins: the outcome then arrives late, and is dropped and logged (_late)."""
     with pool._stops_lock:
         if ended or future._ended:
             future._ended = True
             for at, asked in enumerate(pool._stops):
                 if asked == number:
                     pool._stops[at] = 0
-            return
+            return False
+        if pool._ends[number % _STARTS] == number:
+            return False
         free = next((at for at, asked in enumerate(pool._stops) if asked == 0), None)
         if free is not None:  # else: more stopped tasks than can be queued or run
             pool._stops[free] = number
+        return True
 
 
 # -- 8. Shared stores ----------------------------------------------------------------

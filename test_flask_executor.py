@@ -91,6 +91,23 @@ def wait_for(path: str, timeout: float = TIMEOUT) -> str:
     return path
 
 
+class SlowToSend:
+    """A process task's result whose sending waits for a file: its function has returned,
+    but the web process has not got its outcome yet ("sending" appears meanwhile)."""
+
+    def __init__(self, folder: str, value: int) -> None:
+        self.folder, self.value = folder, value
+
+    def __reduce__(self) -> tuple:
+        Path(self.folder, "sending").touch()
+        wait_for(os.path.join(self.folder, "go"))
+        return (int, (self.value,))
+
+
+def return_slow_to_send(folder: str, value: int) -> SlowToSend:
+    return SlowToSend(folder, value)
+
+
 def in_thread(fn):
     """``fn()`` run in a plain thread, outside any Flask context: its result or exception."""
     box: list = []
@@ -1627,6 +1644,25 @@ def switch_often():
 
 class TestStopRaces:
     """Each of these failed before the fixes that followed a prober's report."""
+
+    @pytest.mark.parametrize("stop", ["cancel", "limit"])
+    def test_a_process_task_that_returned_keeps_its_result(self, make_executor, tmp_path, stop):
+        """Its function returned before the stop, but its outcome was still on its way to
+        the web process (pickled, sent): the stop is refused and the result stands."""
+        limit = {"EXECUTOR_TIMEOUT": "0.3"} if stop == "limit" else {}
+        app, executor = make_executor(EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=1, **limit)
+        with app.app_context():
+            future = executor.submit(return_slow_to_send, str(tmp_path), 7)
+            try:
+                wait_for(str(tmp_path / "sending"))
+                if stop == "cancel":
+                    assert future.cancel() is False
+                else:
+                    time.sleep(0.6)  # past the limit: the watchdog has looked (and must refuse)
+                assert not future.done()
+            finally:
+                (tmp_path / "go").touch()
+            assert future.result(TIMEOUT) == 7
 
     @pytest.mark.parametrize("push", [True, False])
     def test_tasks_ending_at_the_deadline_never_leak_the_private_stop(
