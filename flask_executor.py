@@ -2195,6 +2195,13 @@ class _SharedFutures(FutureCollection):
         future._retrieved = True  # type: ignore[attr-defined]  # kept for reads by key
         if task.recorded and not added:
             return
+        if not added and getattr(future, "_ask", None) is not None:
+            # A process task: its worker's copy of the task stored the outcome (unless the
+            # store was away). This runs in the pool's one thread that hands outcomes over:
+            # check and store from another, or every later future waits behind this one.
+            check = functools.partial(self._record_unless_stored, task, future)
+            threading.Thread(target=check, daemon=True).start()
+            return
         outcome = None
         if not future.cancelled():
             exc = future.exception()
@@ -2205,6 +2212,18 @@ class _SharedFutures(FutureCollection):
         except Exception:
             args = (task, outcome)
             threading.Thread(target=self._record_later, args=args, daemon=True).start()
+
+    def _record_unless_stored(self, task: _StoredTask, future: Future[Any]) -> None:
+        with contextlib.suppress(Exception):  # (the store is away: store it below, later)
+            row = self.store.read(token=task.token)
+            if row is None or row.state not in (PENDING, RUNNING):
+                return  # stored by the worker (or popped, or evicted)
+        outcome = None
+        if not future.cancelled():
+            exc = future.exception()
+            data = _outcome(task.fn, exc, None if exc else future.result())
+            outcome = self.signer.sign(task.future_key, task.token, data)
+        self._record_later(task, outcome)
 
     def _record_later(self, task: _StoredTask, outcome: bytes | None) -> None:
         for delay in (0.5, 2, 5, 15, 0):  # the store may be away for a while

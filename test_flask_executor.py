@@ -3094,6 +3094,28 @@ class TestStoresHoldTheirGround:
                 assert holder.poll() is None  # (still held when the future was done)
             assert executor.futures.result("k", timeout=TIMEOUT) == str(tmp_path / "go")
 
+    def test_a_locked_store_never_holds_the_process_pools_futures(self, make_executor, tmp_path):
+        """The process pool hands every outcome over in one thread: an owner that waited
+        there for the locked store (to write what the worker had written) held up the rest."""
+        url, path = f"sqlite:///{tmp_path}/futures.db", str(tmp_path / "futures.db")
+        app, executor = make_executor(
+            EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=6, EXECUTOR_FUTURES_STORE=url
+        )
+        with app.app_context():
+            keys = [f"k{n}" for n in range(6)]
+            futures = [executor.submit_stored(k, wait_for, str(tmp_path / "go")) for k in keys]
+            wait_until(lambda: all(executor.futures.running(k) for k in keys))
+            with sqlite_locked(path) as holder:
+                (tmp_path / "go").touch()
+                started = time.monotonic()
+                cf.wait(futures, timeout=TIMEOUT)
+                took = time.monotonic() - started  # each worker waits 0.5 s on the lock
+                assert holder.poll() is None  # (still held when the futures were done)
+            assert took < 2, f"{took:.2f} s: one after another, 0.5 s each"
+            assert [executor.futures.result(k, timeout=TIMEOUT) for k in keys] == [
+                str(tmp_path / "go")
+            ] * 6
+
     def test_two_apps_with_one_name_on_one_store_keep_apart_by_namespace(self, store_url):
         apps = [Flask("app") for _ in range(2)]
         executors = []
