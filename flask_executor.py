@@ -2634,6 +2634,18 @@ _OLDEST = (  # the first to finish, then the oldest unfinished (NULLs sort first
 )
 
 
+# The leases this process holds, (pid, Redis URL, owner): each renewed by one thread, which
+# ends once its entry is gone (a forked child has no such thread: it starts its own).
+_RENEWING: dict[tuple[int, str, str], object] = {}
+
+
+def _renew_forever(client: Any, lease: tuple[int, str, str], me: object, seconds: float) -> None:
+    while _RENEWING.get(lease) is me:
+        time.sleep(seconds / 3)  # a greenlet's sleep where threads are monkey-patched
+        with contextlib.suppress(Exception):  # Redis away: try again next time
+            client.set(f"flask_executor:lease:{lease[2]}", 1, px=int(seconds * 1000))
+
+
 class RedisStore(FuturesStore):
     """Rows in Redis, shared by processes on several machines (one server, not a cluster).
 
@@ -2684,7 +2696,12 @@ class RedisStore(FuturesStore):
         if self._leased != _pid:  # the first claim in this process: hold a lease from now
             self._leased = _pid
             self._renew(owner)
-            threading.Thread(target=self._renew_forever, args=(owner,), daemon=True).start()
+            # One thread renews it per process and server, not per store; it is given the
+            # client, never the store, so a store an app drops is freed with its connections.
+            first, held = object(), (_pid, self.url, owner)
+            if _RENEWING.setdefault(held, first) is first:
+                renew = (self._redis, held, first, self.lease)
+                threading.Thread(target=_renew_forever, args=renew, daemon=True).start()
         limits = [-1 if max_length is None else max_length, -1 if ttl is None else ttl]
         lease = int(self.lease * 1000)  # renewed by each claim too (a restarted Redis)
         claimed = self._run(
@@ -2694,12 +2711,6 @@ class RedisStore(FuturesStore):
 
     def _renew(self, owner: str) -> None:
         self._redis.set(f"flask_executor:lease:{owner}", 1, px=int(self.lease * 1000))
-
-    def _renew_forever(self, owner: str) -> None:
-        while self._leased == _pid:
-            time.sleep(self.lease / 3)  # a greenlet's sleep where threads are monkey-patched
-            with contextlib.suppress(Exception):  # Redis away: try again next time
-                self._renew(owner)
 
     def start(self, token: str, wait: float) -> bool:
         return bool(self._run("start", token, wait=wait))

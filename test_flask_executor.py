@@ -2740,7 +2740,7 @@ class TestSharedStores:
             for _ in range(3):  # its lease is renewed: still alive after several lease times
                 time.sleep(0.5)
                 assert executor.futures.done("remote") is False
-            store._leased = -1  # the renewing thread stops: the owner is gone
+            del flask_executor._RENEWING[os.getpid(), redis_server, elsewhere]  # it is gone
             wait_until(lambda: executor.futures.done("remote"), timeout=5)
             with pytest.raises(cf.BrokenExecutor, match=r"another-host.* their\.task is gone"):
                 executor.futures.result("remote")
@@ -3202,6 +3202,22 @@ class TestStoresHoldTheirGround:
 
 class TestStoreProbes:
     """What the prober of #21 found: each failed before its fix."""
+
+    def test_apps_on_one_redis_leave_no_threads_or_connections(self, redis_server):
+        """Each Redis store renewed its process's lease in a thread of its own, forever,
+        holding the store and its connections: an app per test piled them up."""
+        before = (threading.active_count(), len(os.listdir("/proc/self/fd")))
+        for n in range(5):
+            app = make_app(EXECUTOR_FUTURES_STORE=redis_server, EXECUTOR_FUTURES_NAMESPACE=f"a{n}")
+            executor = Executor(app)
+            with app.app_context():
+                assert executor.submit_stored("k", square, n).result(TIMEOUT) == n * n
+            executor.shutdown(wait=True)
+            del app, executor
+        # each store's cancel watcher ends soon after its last task; one thread renews the lease
+        wait_until(lambda: threading.active_count() - before[0] <= 1)
+        gc.collect()
+        assert len(os.listdir("/proc/self/fd")) - before[1] <= 3, before
 
     def test_two_greenlets_opening_a_locked_new_sqlite_file_never_hang_the_hub(self, tmp_path):
         """Not monkey-patched: another program creates the file and holds it locked; the
