@@ -1957,17 +1957,22 @@ class _StoredTask:
         return result
 
     def _record(self, outcome: bytes) -> None:
-        """Store the outcome; if the row was cancelled meanwhile (from another process),
-        raise: the submitter's future is then cancelled too, as every reader sees it."""
+        """Store the outcome. If the row got another meanwhile, raise that one, so the
+        submitter's future ends as every reader sees it: cancelled from another process,
+        or lost (a reader found this process's lease run out: it was paused, or busy)."""
         try:
             signed = self.signer.sign(self.future_key, self.token, outcome)
             stored = self.store.finish(self.token, signed, _PATIENCE)
             self.recorded = True
             row = None if stored else self.store.read(token=self.token)
+            blob = self.store.outcome(self.token) if row and row.state == FINISHED else None
         except Exception:  # the store is away: the owner tries again
             return
         if row is not None and row.state == CANCELLED:
             raise _NotStarted(f"stored future {self.future_key!r} was cancelled")
+        data = None if blob is None else self.signer.verify(self.future_key, self.token, blob)
+        if data is not None and (other := _loads(data, row.task if row else ""))[0]:
+            raise other[1]  # (only a reader writes a finished row: the error that it is lost)
 
 
 class _StoredFuture(Future):  # type: ignore[type-arg]

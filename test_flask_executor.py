@@ -3203,6 +3203,27 @@ class TestStoresHoldTheirGround:
 class TestStoreProbes:
     """What the prober of #21 found: each failed before its fix."""
 
+    def test_a_task_taken_for_lost_ends_lost_for_its_submitter_too(
+        self, make_executor, store_url, tmp_path
+    ):
+        """A reader elsewhere that found the owner's lease run out (a process paused, or
+        one busy greenlet starving the renewing one) stores the task as lost. When the task
+        ends after all, its submitter gets that same outcome: one outcome everywhere."""
+        app, executor = make_executor(EXECUTOR_FUTURES_STORE=store_url)
+        with app.app_context():
+            future = executor.submit_stored("k", wait_for, str(tmp_path / "go"))
+            wait_until(lambda: executor.futures.running("k"))
+            _, token = future._stored
+            lost = cf.BrokenExecutor("stored future 'k' is lost (as a reader elsewhere saw it)")
+            data = flask_executor._outcome(wait_for, lost)
+            signed = executor.futures.signer.sign("k", token, data)
+            assert executor.futures.store.finish(token, signed, 30)  # as that reader does
+            (tmp_path / "go").touch()
+            with pytest.raises(cf.BrokenExecutor, match="as a reader elsewhere saw it"):
+                future.result(TIMEOUT)
+            with pytest.raises(cf.BrokenExecutor, match="as a reader elsewhere saw it"):
+                executor.futures.result("k", timeout=TIMEOUT)
+
     def test_apps_on_one_redis_leave_no_threads_or_connections(self, redis_server):
         """Each Redis store renewed its process's lease in a thread of its own, forever,
         holding the store and its connections: an app per test piled them up."""
