@@ -2207,11 +2207,7 @@ class _SharedFutures(FutureCollection):
             check = functools.partial(self._record_unless_stored, task, future)
             threading.Thread(target=check, daemon=True).start()
             return
-        outcome = None
-        if not future.cancelled():
-            exc = future.exception()
-            data = _outcome(task.fn, exc, None if exc else future.result())
-            outcome = self.signer.sign(task.future_key, task.token, data)
+        outcome = self._signed(task, future)
         try:
             self.store.finish(task.token, outcome, _PATIENCE)
         except Exception:
@@ -2223,12 +2219,15 @@ class _SharedFutures(FutureCollection):
             row = self.store.read(token=task.token)
             if row is None or row.state not in (PENDING, RUNNING):
                 return  # stored by the worker (or popped, or evicted)
-        outcome = None
-        if not future.cancelled():
-            exc = future.exception()
-            data = _outcome(task.fn, exc, None if exc else future.result())
-            outcome = self.signer.sign(task.future_key, task.token, data)
-        self._record_later(task, outcome)
+        self._record_later(task, self._signed(task, future))
+
+    def _signed(self, task: _StoredTask, future: Future[Any]) -> bytes | None:
+        """A done future's outcome as the store keeps it (None: cancelled)."""
+        if future.cancelled():
+            return None
+        exc = future.exception()
+        data = _outcome(task.fn, exc, None if exc else future.result())
+        return self.signer.sign(task.future_key, task.token, data)
 
     def _record_later(self, task: _StoredTask, outcome: bytes | None) -> None:
         for delay in (0.5, 2, 5, 15, 0):  # the store may be away for a while
