@@ -1607,8 +1607,9 @@ def _stop(future: _ContextFuture, error: Callable[[], BaseException], kill: bool
     with future._condition:
         if future._state != "RUNNING":
             return future.cancelled()
-        if kill and future._ask is not None and not future._ask(future):
-            return False  # a process task whose function has returned: its outcome stands
+        ask = future._ask if kill else None  # a process task's: asked once the stop stands
+        if ask is not None and not ask(future, False, False):
+            return False  # its function has returned: its outcome stands
         if task is not None and kill and not task.stop(error):
             return future.cancelled()
         exc: BaseException | None = error()
@@ -1618,8 +1619,13 @@ def _stop(future: _ContextFuture, error: Callable[[], BaseException], kill: bool
                 exc = future._gate(exc)  # type: ignore[arg-type]
             finally:
                 _holding.reset(holding)
-            if exc is None:
+            if exc is None:  # the row holds another outcome: the task runs on, unasked
+                if task is not None:
+                    with _stop_lock:
+                        task.stopped = None
                 return False
+        if ask is not None:
+            ask(future)
         future._stopped_at = time.monotonic()
         if isinstance(exc, concurrent.futures.CancelledError):
             future._state = "CANCELLED_AND_NOTIFIED"
@@ -1658,13 +1664,16 @@ def _started(pool: _ProcessPool, number: int) -> float | None:
     return when if there >= number and (there - number) % _STARTS == 0 else None
 
 
-def _ask_to_stop(pool: _ProcessPool, number: int, future: Any, ended: bool = False) -> bool:
-    """Ask task ``number`` to stop: False if its function has returned (its outcome is on
-    its way: it stands). ``ended``: its outcome came back, free its slot.
+def _ask_to_stop(pool: _ProcessPool, number: int, future: Any, ended: bool = False,
+                 ask: bool = True) -> bool:  # fmt: skip
+    """Ask task ``number`` to stop (``ask``: else only tell whether it may be): False if
+    its function has returned (its outcome is on its way: it stands). ``ended``: its
+    outcome came back, free its slot.
 
-    The worker marks the end before it looks for a stop; this reads the mark before it
+    The worker marks the end before it looks for a stop; _stop reads the mark before it
     writes the stop. The one race left (the mark lands between the two) is a stop that
-    wins: the outcome then arrives late, and is dropped and logged (_late)."""
+    wins: the outcome then arrives late, and is dropped and logged (_late); a stored
+    task's worker finds the stop in its row, and raises it (_StoredTask._record)."""
     with pool._stops_lock:
         if ended or future._ended:
             future._ended = True
@@ -1675,7 +1684,7 @@ def _ask_to_stop(pool: _ProcessPool, number: int, future: Any, ended: bool = Fal
         if pool._ends[number % _STARTS] == number:
             return False
         free = next((at for at, asked in enumerate(pool._stops) if asked == 0), None)
-        if free is not None:  # else: more stopped tasks than can be queued or run
+        if ask and free is not None:  # else: more stopped tasks than can be queued or run
             pool._stops[free] = number
         return True
 
@@ -2070,9 +2079,12 @@ class _StoredFuture(Future):  # type: ignore[type-arg]
         """Cancel the task, pending or running, for every process at once. Its owner asks
         a running task to stop: at once in this process, else within _WATCH_EVERY s."""
         local = self._futures._local.get(self._token)  # its task is this process's
-        if local is None or not (local.cancel() or local.done()):  # a pool of yours: it may
-            self._futures.store.cancel(self._token)  # not stop a running task; the store can
-        # (else the local future's done-callback has stored the cancel)
+        if local is None or not (
+            local.cancel() or local.done() or isinstance(local, _ContextFuture)
+        ):  # a pool of yours may not stop a running task: the store can
+            self._futures.store.cancel(self._token)
+        # (else the local future's done-callback has stored the cancel; or its function
+        # returned, and its outcome stands)
         return self.cancelled()
 
     def result(self, timeout: float | None = None) -> Any:
@@ -2200,7 +2212,7 @@ class _SharedFutures(FutureCollection):
         future._retrieved = True  # type: ignore[attr-defined]  # kept for reads by key
         if task.recorded and not added:
             return
-        if not added and getattr(future, "_ask", None) is not None:
+        if not added and getattr(future, "_ask", None) is not None and not future.cancelled():
             # A process task: its worker's copy of the task stored the outcome (unless the
             # store was away). This runs in the pool's one thread that hands outcomes over:
             # check and store from another, or every later future waits behind this one.
@@ -2638,16 +2650,18 @@ _OLDEST = (  # the first to finish, then the oldest unfinished (NULLs sort first
 )
 
 
-# The leases this process holds, (pid, Redis URL, owner): each renewed by one thread, which
-# ends once its entry is gone (a forked child has no such thread: it starts its own).
-_RENEWING: dict[tuple[int, str, str], object] = {}
+# The leases this process holds, (pid, Redis URL, owner, seconds): each renewed by one
+# thread, which ends once its entry is gone (a forked child has no such thread: it starts
+# its own). Two stores' leases of one owner differ only in length: each keeps it alive.
+_RENEWING: dict[tuple[int, str, str, float], object] = {}
 
 
-def _renew_forever(client: Any, lease: tuple[int, str, str], me: object, seconds: float) -> None:
+def _renew_forever(client: Any, lease: tuple[int, str, str, float], me: object) -> None:
+    owner, seconds = lease[2], lease[3]
     while _RENEWING.get(lease) is me:
         time.sleep(seconds / 3)  # a greenlet's sleep where threads are monkey-patched
         with contextlib.suppress(Exception):  # Redis away: try again next time
-            client.set(f"flask_executor:lease:{lease[2]}", 1, px=int(seconds * 1000))
+            client.set(f"flask_executor:lease:{owner}", 1, px=int(seconds * 1000))
 
 
 class RedisStore(FuturesStore):
@@ -2699,13 +2713,14 @@ class RedisStore(FuturesStore):
               ttl: float | None) -> list[str] | None:  # fmt: skip
         if self._leased != _pid:  # the first claim in this process: hold a lease from now
             self._leased = _pid
-            self._renew(owner)
-            # One thread renews it per process and server, not per store; it is given the
-            # client, never the store, so a store an app drops is freed with its connections.
-            first, held = object(), (_pid, self.url, owner)
+            # One thread renews it per process, server and lease, not per store; it is given
+            # the client, never the store, so a store an app drops is freed with its
+            # connections. Started first: Redis may be away now, and back later.
+            first, held = object(), (_pid, self.url, owner, self.lease)
             if _RENEWING.setdefault(held, first) is first:
-                renew = (self._redis, held, first, self.lease)
+                renew = (self._redis, held, first)
                 threading.Thread(target=_renew_forever, args=renew, daemon=True).start()
+            self._renew(owner)
         limits = [-1 if max_length is None else max_length, -1 if ttl is None else ttl]
         lease = int(self.lease * 1000)  # renewed by each claim too (a restarted Redis)
         claimed = self._run(

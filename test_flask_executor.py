@@ -104,6 +104,23 @@ class SlowToSend:
         return (int, (self.value,))
 
 
+def until_file_or_stopped(path: str) -> str:
+    """Run until the file exists ("done") or the task is asked to stop ("stopped")."""
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        if flask_executor.stop_requested():
+            return "stopped"
+        if os.path.exists(path):
+            return "done"
+        time.sleep(0.005)
+    raise TimeoutError(path)
+
+
+def started_then_until_file(started: str, path: str) -> str:
+    Path(started).touch()
+    return until_file_or_stopped(path)
+
+
 def return_slow_to_send(folder: str, value: int) -> SlowToSend:
     return SlowToSend(folder, value)
 
@@ -2740,7 +2757,7 @@ class TestSharedStores:
             for _ in range(3):  # its lease is renewed: still alive after several lease times
                 time.sleep(0.5)
                 assert executor.futures.done("remote") is False
-            del flask_executor._RENEWING[os.getpid(), redis_server, elsewhere]  # it is gone
+            del flask_executor._RENEWING[os.getpid(), redis_server, elsewhere, 0.5]  # gone
             wait_until(lambda: executor.futures.done("remote"), timeout=5)
             with pytest.raises(cf.BrokenExecutor, match=r"another-host.* their\.task is gone"):
                 executor.futures.result("remote")
@@ -3224,6 +3241,58 @@ class TestStoreProbes:
             with pytest.raises(cf.BrokenExecutor, match="as a reader elsewhere saw it"):
                 executor.futures.result("k", timeout=TIMEOUT)
 
+    @pytest.mark.parametrize("backend", ["thread", "process"])
+    def test_a_stop_refused_by_the_store_leaves_the_task_running(
+        self, make_executor, store_url, tmp_path, backend
+    ):
+        """cancel() of a task whose row a reader already finished (taken for lost) is
+        refused by the store: the task must not be asked to stop, and its submitter ends
+        with the stored outcome (it was asked anyway, and ended CancelledError)."""
+        app, executor = make_executor(EXECUTOR_TYPE=backend, EXECUTOR_FUTURES_STORE=store_url)
+        with app.app_context():
+            go = str(tmp_path / "go")
+            future = executor.submit_stored("k", until_file_or_stopped, go)
+            wait_until(lambda: executor.futures.running("k"))
+            _, token = future._stored
+            lost = cf.BrokenExecutor("stored future 'k' is lost (as a reader elsewhere saw it)")
+            data = flask_executor._outcome(until_file_or_stopped, lost)
+            assert executor.futures.store.finish(token, executor.futures.signer.sign(
+                "k", token, data), 30)  # fmt: skip
+            assert future.cancel() is False
+            (tmp_path / "go").touch()
+            with pytest.raises(cf.BrokenExecutor, match="as a reader elsewhere saw it"):
+                future.result(TIMEOUT)
+
+    def test_cancel_by_key_keeps_a_process_tasks_returned_result(
+        self, make_executor, store_url, tmp_path
+    ):
+        """executor.futures.cancel(key) as future.cancel(): refused once the function has
+        returned (its outcome is being stored), and the result stands everywhere."""
+        app, executor = make_executor(EXECUTOR_TYPE="process", EXECUTOR_FUTURES_STORE=store_url)
+        with app.app_context():
+            future = executor.submit_stored("k", return_slow_to_send, str(tmp_path), 7)
+            try:
+                wait_for(str(tmp_path / "sending"))
+                assert executor.futures.cancel("k") is False
+            finally:
+                (tmp_path / "go").touch()
+            assert future.result(TIMEOUT) == 7
+            assert executor.futures.result("k", timeout=TIMEOUT) == 7
+
+    def test_cancel_of_pending_process_tasks_says_true(self, make_executor, store_url, tmp_path):
+        app, executor = make_executor(
+            EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=1, EXECUTOR_FUTURES_STORE=store_url
+        )
+        with app.app_context():
+            busy = executor.submit_stored("busy", wait_for, str(tmp_path / "go"))
+            wait_until(lambda: executor.futures.running("busy"))
+            pending = [executor.submit_stored(f"p{n}", square, n) for n in range(6)]
+            answers = [executor.futures.cancel(f"p{n}") for n in range(3)]
+            answers += [executor.futures[f"p{n}"].cancel() for n in range(3, 6)]
+            (tmp_path / "go").touch()
+            assert answers == [True] * 6
+            assert all(f.cancelled() for f in pending) and busy.result(TIMEOUT)
+
     def test_apps_on_one_redis_leave_no_threads_or_connections(self, redis_server):
         """Each Redis store renewed its process's lease in a thread of its own, forever,
         holding the store and its connections: an app per test piled them up."""
@@ -3239,6 +3308,32 @@ class TestStoreProbes:
         wait_until(lambda: threading.active_count() - before[0] <= 1)
         gc.collect()
         assert len(os.listdir("/proc/self/fd")) - before[1] <= 3, before
+
+    def test_a_redis_lease_lives_on_with_two_lease_lengths_and_a_late_server(self, redis_server):
+        """Two stores of one process on one server with leases of 9 s and 1.5 s: renewed
+        at the short one's pace (it ran out between the long one's renewals). And a store
+        whose first claim found Redis away renews its lease once Redis is back."""
+        import redis
+
+        client = redis.Redis.from_url(redis_server)
+        owner, late = f"two-leases-{os.getpid()}", f"late-server-{os.getpid()}"
+        long = flask_executor.RedisStore(redis_server, "lease-long", lease=9)
+        short = flask_executor.RedisStore(redis_server, "lease-short", lease=1.5)
+        long.claim("s:x", "t-long", owner, "t", None, None)
+        short.claim("s:y", "t-short", owner, "t", None, None)
+        away = flask_executor.RedisStore(redis_server, "lease-away", lease=0.6)
+        away._renew = lambda owner: fail("Redis is away")  # its first claim fails
+        with pytest.raises(ValueError, match="Redis is away"):
+            away.claim("s:a", "t-away", late, "t", None, None)
+        del away._renew  # back
+        assert away.claim("s:b", "t-away2", late, "t", None, None) == []
+        started = time.monotonic()
+        while time.monotonic() - started < 3:  # two short leases, and more
+            for who in (owner, late):
+                assert client.exists(f"flask_executor:lease:{who}"), (
+                    f"{who}'s lease gone after {time.monotonic() - started:.2f} s"
+                )
+            time.sleep(0.05)
 
     def test_two_greenlets_opening_a_locked_new_sqlite_file_never_hang_the_hub(self, tmp_path):
         """Not monkey-patched: another program creates the file and holds it locked; the
