@@ -116,11 +116,6 @@ def until_file_or_stopped(path: str) -> str:
     raise TimeoutError(path)
 
 
-def started_then_until_file(started: str, path: str) -> str:
-    Path(started).touch()
-    return until_file_or_stopped(path)
-
-
 def return_slow_to_send(folder: str, value: int) -> SlowToSend:
     return SlowToSend(folder, value)
 
