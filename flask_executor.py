@@ -2652,7 +2652,8 @@ _OLDEST = (  # the first to finish, then the oldest unfinished (NULLs sort first
 
 # The leases this process holds, (pid, Redis URL, owner, seconds): each renewed by one
 # thread, which ends once its entry is gone (a forked child has no such thread: it starts
-# its own). Two stores' leases of one owner differ only in length: each keeps it alive.
+# its own). Stores of one owner with leases of different lengths share its key, which then
+# outlives a pause only as long as the shortest lease.
 _RENEWING: dict[tuple[int, str, str, float], object] = {}
 
 
