@@ -1612,18 +1612,12 @@ def _stop(future: _ContextFuture, error: Callable[[], BaseException], kill: bool
             return False  # its function has returned: its outcome stands
         if task is not None and kill and not task.stop(error):
             return future.cancelled()
-        exc: BaseException | None = error()
+        exc = error()
         if future._gate is not None and kill:
-            holding = _holding.set(True)  # the store's waits must not let the task greenlet
-            try:  # into this future's lock (a gevent future's lock is the thread's)
-                exc = future._gate(exc)  # type: ignore[arg-type]
-            finally:
-                _holding.reset(holding)
-            if exc is None:  # the row holds another outcome: the task runs on, unasked
-                if task is not None:
-                    with _stop_lock:
-                        task.stopped = None
+            gated = _gated(future._gate, task, exc)
+            if gated is None:
                 return False
+            exc = gated
         if ask is not None:
             ask(future)
         future._stopped_at = time.monotonic()
@@ -1641,6 +1635,21 @@ def _stop(future: _ContextFuture, error: Callable[[], BaseException], kill: bool
         future._kill()
     future._invoke_callbacks()  # type: ignore[attr-defined]
     return True
+
+
+def _gated(gate: Callable[[BaseException], BaseException | None], task: _Task | None,
+           exc: BaseException) -> BaseException | None:  # fmt: skip
+    """A stored task's stop, stored before its future shows it: the error to show, or None
+    if the row holds another outcome (that one stands, and the task runs on, unasked)."""
+    holding = _holding.set(True)  # the store's waits must not let the task greenlet into
+    try:  # the future's lock, held by _stop (a gevent future's lock is the thread's)
+        shown = gate(exc)
+    finally:
+        _holding.reset(holding)
+    if shown is None and task is not None:
+        with _stop_lock:
+            task.stopped = None
+    return shown
 
 
 def _late(future: _ContextFuture) -> None:
