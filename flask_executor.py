@@ -31,6 +31,7 @@ from __future__ import annotations
 import _thread
 import abc
 import asyncio
+import atexit
 import collections
 import concurrent.futures
 import contextlib
@@ -46,6 +47,7 @@ import logging
 import multiprocessing
 import os
 import pickle
+import queue
 import random
 import re
 import socket
@@ -91,6 +93,7 @@ def _after_fork_in_child() -> None:
     global _pid, _fork_lock, _stop_lock, _connect_lock
     _pid = os.getpid()
     _fork_lock, _stop_lock, _connect_lock = threading.Lock(), threading.Lock(), threading.Lock()
+    _THREADS.clear()  # the parent's pool threads: not this process's to end at exit
     forkserver = sys.modules.get("multiprocessing.forkserver")
     if forkserver is not None:  # the parent's fork server is not this process's child
         server: Any = getattr(forkserver, "_forkserver")  # noqa: B009
@@ -186,8 +189,8 @@ class _Task:
     wins, under _stop_lock (section 7), so a task that returned is never reported stopped.
     """
 
-    __slots__ = ("app", "context", "failed", "fn", "g_attrs", "inside", "limit", "over", "pid",
-                 "push", "started", "stopped")  # fmt: skip
+    __slots__ = ("app", "context", "fn", "g_attrs", "inside", "limit", "over", "pid", "push",
+                 "started", "stopped")  # fmt: skip
 
     def __init__(self, app: Flask, g_attrs: dict[str, Any] | None, push: bool, fn: Task,
                  limit: float | None) -> None:  # fmt: skip
@@ -203,7 +206,6 @@ class _Task:
         self.stopped: Callable[[], BaseException] | None = None
         self.over = False
         self.inside = False  # in its own function (only there may gevent throw a stop in)
-        self.failed = False  # it raised, in its function or around it (see _watch_unread)
 
     def stop_requested(self) -> bool:
         if self.stopped is not None:
@@ -244,16 +246,6 @@ def _task_name(fn: object) -> str:
     """How errors name a task: ``module.qualname``, else its repr (a partial, an object)."""
     name = getattr(fn, "__qualname__", None)
     return f"{getattr(fn, '__module__', None)}.{name}" if isinstance(name, str) else repr(fn)
-
-
-def _run_task(task: _Task, fn: Task, args: Any, kwargs: Any) -> Any:
-    """Run a task in its captured variables (entered once: a task runs once); mark it
-    failed if anything raised, before the pool sees the exception (see _watch_unread)."""
-    try:
-        return task.context.run(_in_app_context, task, True, fn, args, kwargs)
-    except BaseException:
-        task.failed = True
-        raise
 
 
 def _in_app_context(task: _Task, is_task: bool, fn: Task, args: Any, kwargs: Any) -> Any:
@@ -307,6 +299,10 @@ def _call(task: _Task | _WorkerTask, fn: Task, args: Any, kwargs: Any) -> Any:
         finally:
             error = None  # the traceback holds this frame: no cycle keeping the task alive
     task.inside = False
+    with _stop_lock:  # the common end, claimed here: a thread or gevent task with no limit
+        if type(task) is _Task and task.stopped is None and task.limit is None:
+            task.over = True
+            return result
     if (error := task.finish()) is None:
         return result
     try:
@@ -375,6 +371,46 @@ def _pop(ctx: Any, error: BaseException | None, teardown: bool) -> None:
             appcontext_popped.send(ctx.app, _async_wrapper=ctx.app.ensure_sync)
 
 
+try:
+
+    class _FutureLock(_thread.RLock):  # type: ignore[misc]  # typeshed calls it final; it is not
+        """A future's lock and condition in one (Future calls it _condition): entered in C, not
+        through threading.Condition's Python methods, five times for each task. A thread that
+        waits sleeps on a lock of its own, in a list made by the first wait; notify_all, a
+        no-op in C until then, wakes them (it holds the list, not this lock: no cycle to
+        collect). A gevent task's waiters in its own hub wait on its Event instead. If a
+        Python forbids subclassing RLock, the future falls back to a threading.Condition
+        (test_gevent_future_lock fails)."""
+
+        _sleepers: list[Any] | None = None
+        notify_all: Callable[[], object] = staticmethod(tuple)  # nobody waits: a no-op, in C
+
+        def wait(self, timeout: float | None = None) -> bool:
+            """As Condition.wait: the caller holds this lock, released while it sleeps."""
+            sleeper, woken = _thread.allocate_lock(), False
+            sleeper.acquire()
+            if (sleepers := self._sleepers) is None:
+                sleepers = self._sleepers = []
+                self.notify_all = functools.partial(_wake_all, sleepers)
+            sleepers.append(sleeper)
+            held = self._release_save()  # type: ignore[attr-defined]  # as Condition does
+            try:
+                woken = sleeper.acquire(True, -1 if timeout is None else timeout)
+            finally:
+                self._acquire_restore(held)  # type: ignore[attr-defined]
+                if sleeper in sleepers:  # timed out, or interrupted: not left to pile up
+                    sleepers.remove(sleeper)
+            return woken
+except TypeError:  # a Python whose RLock cannot be subclassed: the Future's own kind
+    _FutureLock = threading.Condition  # type: ignore[misc,assignment]
+
+
+def _wake_all(sleepers: list[Any]) -> None:
+    for sleeper in sleepers:
+        sleeper.release()
+    sleepers.clear()
+
+
 class _ContextFuture(Future):  # type: ignore[type-arg]
     """A Future whose done-callbacks run in its task's Flask contexts, whose exception, if
     nobody ever reads it, is logged when the future is dropped (as asyncio does), and which
@@ -389,6 +425,13 @@ class _ContextFuture(Future):  # type: ignore[type-arg]
     _ask: Callable[..., object] | None = None  # the process pool's way to ask its task
     _ended = False  # the pool's outcome came back (the process pool's, under its lock)
     _gate: Callable[[BaseException], BaseException | None] | None = None  # a shared store's
+
+    def __init__(self, patched: bool = False) -> None:  # Future's fields; a lock entered in C
+        # (where threading is monkey-patched, greenlets must wait for the lock: its own kind)
+        self._condition: Any = threading.Condition() if patched else _FutureLock()
+        self._state, self._result, self._exception = "PENDING", None, None
+        self._waiters: list[Any] = []
+        self._done_callbacks: list[Any] = []
 
     def add_done_callback(self, fn: Callback) -> None:
         if self._captured is not None:
@@ -461,7 +504,6 @@ class _ContextFuture(Future):  # type: ignore[type-arg]
 
 
 _NOTHING: dict[str, Any] = {}  # no keyword arguments (one dict, not one per submit)
-_THREAD_POOL = concurrent.futures.ThreadPoolExecutor  # fails a future only with its task's error
 
 
 class _Unread:
@@ -487,11 +529,9 @@ class _Unread:
 
 
 def _watch_unread(future: Any) -> None:
-    """Give a failed future the finalizer that logs an exception nobody read. Called from
-    set_exception; and by the submitter, if the pool made a plain Future and the task failed
-    before the submitter gave the future its class (_run_task sets the task's `failed` before
-    the pool looks up set_exception: whichever comes second sees the other). A pool other
-    than ThreadPoolExecutor may fail a future itself: its futures always get the finalizer."""
+    """Give a failed future the finalizer that logs an exception nobody read: from
+    set_exception, or at submit for a pool that made a plain Future (it may fail it itself,
+    or before the submitter gave it our class)."""
     cls = type(future)  # (its _captured may not be set yet: the submitter sets it)
     if not issubclass(cls, _Unread):
         unread = _UNREAD.get(cls) or type(cls.__name__, (_Unread, cls), {"__module__": __name__})
@@ -523,12 +563,121 @@ class Backend(abc.ABC):
         """Build the pool that one app's tasks run on."""
 
 
+# A queued task: (future, fn, args, kwargs). A plain tuple, unpacked where it is read: a
+# NamedTuple's Python-level __new__ costs 3% of a whole task.
+_Call = tuple[Any, Task, tuple[Any, ...], dict[str, Any]]
+
+
+def _run_in_future(call: _Call) -> None:
+    future, fn, args, kwargs = call
+    del call  # only `future` may hold the future (it is cleared below: no cycle)
+    if not future.set_running_or_notify_cancel():
+        return
+    try:
+        result = fn(*args, **kwargs)
+    except BaseException as exc:
+        future.set_exception(exc)
+        future = None  # the traceback holds this frame: no cycle
+        return
+    try:  # (not future.set_result, which would only add a call: this future has no _ask)
+        Future.set_result(future, result)
+    except concurrent.futures.InvalidStateError:  # stopped first: dropped (and said)
+        if future._stopped_at is None:
+            raise
+        _late(future)
+
+
 class ThreadBackend(Backend):
-    """Tasks on a :class:`concurrent.futures.ThreadPoolExecutor`, with Flask contexts."""
+    """Tasks on a pool of threads, with Flask contexts."""
 
     def create_pool(self, max_workers: int | None, config: Config) -> concurrent.futures.Executor:
-        prefix = f"{config.app.name}-{config.prefix}executor"
-        return concurrent.futures.ThreadPoolExecutor(max_workers, thread_name_prefix=prefix)
+        return _ThreadPool(max_workers, f"{config.app.name}-{config.prefix}executor")
+
+
+class _ThreadPool(concurrent.futures.ThreadPoolExecutor):
+    """A ThreadPoolExecutor whose queue holds our futures themselves, made at submit: its own
+    make a plain Future and a work item, and a Future whose class is changed after it is made
+    costs a third more at every later step. Like CPython's, it starts a thread per submit
+    while none is idle, up to max_workers, and at exit runs what was queued, then ends.
+
+    Only the class is CPython's (code checks isinstance(pool, ThreadPoolExecutor)): none of
+    its methods or private names are used. _shutdown_lock guards _shutdown and _threads."""
+
+    def __init__(self, max_workers: int | None, thread_name_prefix: str) -> None:
+        self._max_workers = max_workers or min(32, (os.cpu_count() or 1) + 4)
+        self._thread_name_prefix = thread_name_prefix
+        self._work_queue: Any = queue.SimpleQueue()  # of _Call, or None: end
+        self._idle: list[None] = []  # a token from each thread that waits for work again
+        self._threads: set[threading.Thread] = set()
+        self._shutdown = self._broken = False  # (never broken: 1.0 code reads _broken)
+        self._shutdown_lock = threading.Lock()
+        monkey = sys.modules.get("gevent.monkey")
+        self._patched = monkey is not None and monkey.is_module_patched("threading")
+        # Dropped without shutdown, its threads end: each waits on the queue, not the pool.
+        self._ref = weakref.ref(self, functools.partial(_wake, self._work_queue))
+        atexit.unregister(_end_threads)  # (once, however many pools)
+        atexit.register(_end_threads)
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        future = _ContextFuture(self._patched)
+        with self._shutdown_lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            self._work_queue.put((future, fn, args, kwargs))
+            if self._idle:  # (only submits take tokens, under this lock; appends are atomic)
+                self._idle.pop()
+            elif len(self._threads) < self._max_workers:
+                name = f"{self._thread_name_prefix}_{len(self._threads)}"
+                thread = threading.Thread(
+                    target=_work, args=(self._work_queue, self._idle), name=name, daemon=True
+                )
+                thread.start()
+                self._threads.add(thread)
+                _THREADS[thread] = self._work_queue
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._shutdown_lock:
+            self._shutdown = True
+            while cancel_futures:  # those still queued (a thread takes one only to run it)
+                try:
+                    call = self._work_queue.get_nowait()
+                except queue.Empty:
+                    break
+                if call is not None:
+                    future, *_ = call
+                    future.cancel()
+            self._work_queue.put(None)  # each thread passes it on to the next, and ends
+        for thread in list(self._threads) if wait else ():
+            thread.join()
+
+
+def _work(work_queue: queue.SimpleQueue[_Call | None], idle: list[None]) -> None:
+    """A pool thread: run queued calls until it meets None (shutdown, exit, pool dropped)."""
+    while (call := work_queue.get()) is not None:
+        _run_in_future(call)
+        del call  # (its arguments are not kept alive while the thread waits)
+        idle.append(None)
+    work_queue.put(None)
+
+
+def _wake(work_queue: queue.SimpleQueue[Any], _: object) -> None:
+    work_queue.put(None)
+
+
+# Every pool thread of this process, and its pool's queue: at exit, once every other
+# (non-daemon) thread has ended, each runs what is queued and ends. (Daemon threads, as an
+# idle one must never hold the exit up; the queue is FIFO, so None comes after the tasks.)
+_THREADS: weakref.WeakKeyDictionary[threading.Thread, queue.SimpleQueue[Any]]
+_THREADS = weakref.WeakKeyDictionary()
+
+
+def _end_threads() -> None:
+    threads = list(_THREADS.items())
+    for _, work_queue in threads:
+        work_queue.put(None)
+    for thread, _ in threads:
+        thread.join()
 
 
 class GeventBackend(Backend):
@@ -572,7 +721,7 @@ class _GeventExecutor(concurrent.futures.Executor):
             )
         future = _GeventFuture(self._patched)
         future._hub = self._get_hub()  # the hub whose loop will run the greenlet
-        call = _Call(future, fn, args, kwargs)
+        call = (future, fn, args, kwargs)
         if self._size is not None and len(self._pool.greenlets) >= self._size:  # full
             self._waiting.append(call)
         else:
@@ -581,6 +730,8 @@ class _GeventExecutor(concurrent.futures.Executor):
 
     def _spawn(self, call: _Call) -> None:
         greenlet = self._pool.spawn(_run_in_future, call)
+        future, *_ = call
+        future._greenlet = greenlet  # where a stop is thrown in
         if self._size is not None:
             greenlet.rawlink(self._start_next)  # runs after the pool has freed the slot
 
@@ -598,34 +749,10 @@ class _GeventExecutor(concurrent.futures.Executor):
         if cancel_futures:  # spawned, not started (gevent drops args once a greenlet ran)
             calls = [*(call for greenlet in self._pool for call in greenlet.args), *self._waiting]
             self._waiting.clear()
-            for call in calls:
-                Future.cancel(call.future)  # pending only, not a running one
+            for future, *_ in calls:
+                Future.cancel(future)  # pending only, not a running one
         while wait and (self._pool or self._waiting):
             self._pool.join()
-
-
-class _Call(NamedTuple):
-    """A task the gevent pool runs: its future, and the call."""
-
-    future: Any
-    fn: Task
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-
-
-def _run_in_future(call: _Call) -> None:
-    future, fn, args, kwargs = call
-    del call  # only `future` may hold the future (it is cleared below: no cycle)
-    if not future.set_running_or_notify_cancel():
-        return
-    future._greenlet = sys.modules["gevent"].getcurrent()  # where a stop is thrown in
-    try:
-        result = fn(*args, **kwargs)
-    except BaseException as exc:
-        future.set_exception(exc)
-        future = None  # the traceback holds this frame: no cycle
-    else:
-        future.set_result(result)
 
 
 def _runs_a_hub() -> bool:
@@ -668,20 +795,11 @@ class _GeventFuture(_ContextFuture):
 
     _hub: Any = None
     _event: Any = None  # one gevent Event, set when done: polling adds nothing per call
-    _greenlet: Any = None  # the greenlet running its task, once started
-
-    def __init__(self, patched: bool = False) -> None:  # Future's fields; a lock entered in C
-        # (where threading is monkey-patched, greenlets must wait for the lock: its own kind)
-        self._condition: Any = threading.Condition() if patched else _FutureLock()
-        self._state, self._result, self._exception = "PENDING", None, None
-        self._waiters: list[Any] = []
-        self._done_callbacks: list[Any] = []
+    _greenlet: Any = None  # the greenlet that runs its task
 
     def _invoke_callbacks(self) -> None:
         if self._event is not None:  # a greenlet of its hub waits (see _wait)
             self._event.set()
-        if vars(self._condition).pop("notify_all", None):  # done: nobody waits again, and
-            self._condition._waits = None  # the lock and its Condition no longer hold each other
         super()._invoke_callbacks()  # type: ignore[misc]
 
     def _kill(self) -> None:
@@ -719,27 +837,6 @@ class _GeventFuture(_ContextFuture):
                 return
         if not self._event.wait(timeout):
             raise self._timed_out(timeout)
-
-
-try:
-
-    class _FutureLock(_thread.RLock):  # type: ignore[misc]  # typeshed calls it final; it is not
-        """A future's lock and condition in one (Future calls it _condition): entered in C, not
-        through threading.Condition's Python methods, five times for each gevent task. Its
-        Condition, over the same lock, is made on the first wait (a gevent task's waiters in
-        its own hub wait on its Event instead). If a Python forbids subclassing RLock, the
-        future falls back to a threading.Condition (test_gevent_future_lock fails)."""
-
-        _waits: threading.Condition | None = None
-        notify_all: Callable[[], object] = staticmethod(tuple)  # nobody waits: a no-op, in C
-
-        def wait(self, timeout: float | None = None) -> bool:
-            if self._waits is None:  # (the caller holds the lock: no race)
-                self._waits = threading.Condition(self)
-                self.notify_all = self._waits.notify_all
-            return self._waits.wait(timeout)
-except TypeError:  # a Python whose RLock cannot be subclassed: the Future's own kind
-    _FutureLock = threading.Condition  # type: ignore[misc,assignment]
 
 
 class ProcessBackend(Backend):
@@ -1080,17 +1177,20 @@ class _AppState:
         g_attrs = app_ctx.g.__dict__.copy() if self.push and app_ctx is not None else None
         task = _Task(self.app, g_attrs, self.push, fn, self.limit)
         if self.contexts:
-            fn, args, kwargs = _run_task, (task, fn, args, kwargs), _NOTHING
+            # run in its captured variables (entered once: a task runs once)
+            fn, args, kwargs = (
+                task.context.run,
+                (_in_app_context, task, True, fn, args, kwargs),
+                _NOTHING,
+            )
         pool = self.pool
         try:
             future = pool.submit(fn, *args, **kwargs)
         except concurrent.futures.BrokenExecutor:
             future = self._replace_broken(pool).submit(fn, *args, **kwargs)
-        if type(future) is Future:  # the thread pool's (or a pool of yours)
-            future.__class__ = _ContextFuture  # it may have failed before this line:
-            pool_kind = type(pool)
-            if task.failed or not self.contexts or pool_kind is not _THREAD_POOL:
-                _watch_unread(future)
+        if type(future) is Future:  # a pool of yours: it may fail a future itself
+            future.__class__ = _ContextFuture
+            _watch_unread(future)
         future._captured = task  # type: ignore[attr-defined]  # for its callbacks and stops
         if self.limit is not None and self.contexts and isinstance(future, _ContextFuture):
             # (the process pool watches its own; another pool's futures cannot be stopped)

@@ -646,6 +646,140 @@ class TestBackends:
             Backend()  # type: ignore[abstract]
 
 
+class TestThreadPool:
+    """The thread backend's own pool (its futures are made at submit): what CPython's
+    ThreadPoolExecutor does, it does."""
+
+    def test_threads_start_as_needed_and_are_reused(self, make_executor):
+        app, executor = make_executor(EXECUTOR_MAX_WORKERS=3)
+        pool = executor._self
+        assert isinstance(pool, cf.ThreadPoolExecutor) and pool._max_workers == 3
+        with app.app_context():
+            for n in range(20):  # one at a time: the one idle thread takes each
+                assert executor.submit(square, n).result(TIMEOUT) == n * n
+            assert len(pool._threads) == 1
+            release, started = threading.Event(), threading.Semaphore(0)
+
+            def hold() -> str:
+                started.release()
+                release.wait(TIMEOUT)
+                return threading.current_thread().name
+
+            held = [executor.submit(hold) for _ in range(5)]
+            for _ in range(3):
+                assert started.acquire(timeout=TIMEOUT)
+            assert not started.acquire(timeout=0.05)  # 3 threads at most, all busy
+            release.set()
+            names = {f.result(TIMEOUT) for f in held}
+        assert len(pool._threads) == 3
+        assert names == {f"{app.name}-executor_{n}" for n in range(3)}
+
+    def test_waiters_time_out_wake_and_leave_no_cycle(self, make_executor):
+        """result() with a timeout, two threads waiting at once, then the outcome: every
+        waiter wakes, and the future's lock is freed without the cyclic GC."""
+        app, executor = make_executor(EXECUTOR_MAX_WORKERS=1)
+        release = threading.Event()
+        with app.app_context():
+            future = executor.submit(release.wait, TIMEOUT)
+            with pytest.raises(cf.TimeoutError, match=r"did not finish within 0\.01 s"):
+                future.result(0.01)
+            assert future._condition._sleepers == []  # the timed-out waiter left nothing
+            got: list[object] = []
+            readers = [threading.Thread(target=lambda f=future: got.append(f.result(TIMEOUT)))
+                       for _ in range(2)]  # fmt: skip
+            for reader in readers:
+                reader.start()
+            deadline = time.monotonic() + TIMEOUT
+            while len(future._condition._sleepers or ()) < 2 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            release.set()
+            for reader in readers:
+                reader.join(TIMEOUT)
+            assert got == [True, True]
+        lock = weakref.ref(future._condition)
+        gc.disable()
+        try:
+            del future
+            assert lock() is None
+        finally:
+            gc.enable()
+
+    def test_cancel_futures_cancels_only_the_queued(self, make_executor):
+        app, executor = make_executor(EXECUTOR_MAX_WORKERS=1)
+        release, started = threading.Event(), threading.Event()
+
+        def hold() -> bool:
+            started.set()
+            return release.wait(TIMEOUT)
+
+        with app.app_context():
+            running = executor.submit(hold)
+            assert started.wait(TIMEOUT)
+            queued = [executor.submit(square, n) for n in range(5)]
+            threading.Timer(0.05, release.set).start()
+            executor.shutdown(wait=True, cancel_futures=True)
+        assert running.result(0) is True
+        assert all(f.cancelled() for f in queued)
+
+    def test_a_pool_dropped_without_shutdown_ends_its_threads(self):
+        app = make_app()
+        pool = ThreadBackend().create_pool(2, flask_executor.Config(app, ""))
+        assert pool.submit(square, 3).result(TIMEOUT) == 9
+        (thread,) = pool._threads
+        del pool
+        gc.collect()
+        thread.join(TIMEOUT)
+        assert not thread.is_alive()
+
+    def test_exit_runs_every_queued_task_then_ends(self, tmp_path):
+        """As ThreadPoolExecutor: at interpreter exit, with no shutdown(), queued tasks run."""
+        log = tmp_path / "ran"
+        out = run_script(
+            f"""
+            import time, flask, flask_executor
+            app = flask.Flask("exiting")
+            app.config["EXECUTOR_MAX_WORKERS"] = 2
+            executor = flask_executor.Executor(app)
+
+            def task(n):
+                time.sleep(0.001)
+                with open({str(log)!r}, "a") as f:
+                    f.write(f"{{n}}\\n")
+
+            with app.app_context():
+                for n in range(300):
+                    executor.submit(task, n)
+            print("leaving")
+            """
+        )
+        assert out.returncode == 0, out.stderr
+        assert sorted(int(n) for n in log.read_text().split()) == list(range(300))
+
+    def test_a_forked_child_exits_at_once_beside_its_parents_busy_pool(self):
+        """The child of a fork exits without waiting for its parent's pool threads (which it
+        does not have) or the tasks in the queue it inherited; the parent's pool runs on."""
+        out = run_script(
+            """
+            import os, threading, flask, flask_executor
+            app = flask.Flask("forking")
+            app.config["EXECUTOR_MAX_WORKERS"] = 1
+            executor = flask_executor.Executor(app)
+            release = threading.Event()
+            with app.app_context():
+                running = executor.submit(release.wait, 30)
+                queued = executor.submit(int, 7)
+                pid = os.fork()
+                if pid == 0:
+                    raise SystemExit(3 if flask_executor._THREADS else 0)  # atexit runs
+                _, status = os.waitpid(pid, 0)
+                release.set()
+                print(os.waitstatus_to_exitcode(status), running.result(30), queued.result(30))
+            """,
+            timeout=60,
+        )
+        assert out.stdout.split() == ["0", "True", "7"], out.stderr
+
+
 # -- 3b. The gevent backend ----------------------------------------------------------
 
 
@@ -685,7 +819,7 @@ class TestGevent:
         reader = threading.Thread(target=lambda: got.append(future.result(TIMEOUT)))
         reader.start()
         deadline = time.monotonic() + TIMEOUT
-        while future._condition._waits is None and time.monotonic() < deadline:
+        while future._condition._sleepers is None and time.monotonic() < deadline:
             time.sleep(0.001)  # until the reader waits on the condition
         assert future.set_running_or_notify_cancel()
         future.set_result(7)
@@ -748,7 +882,7 @@ class TestGevent:
         def complete() -> None:
             waited = box.pop()
             deadline = time.monotonic() + TIMEOUT
-            while waited._condition._waits is None and time.monotonic() < deadline:
+            while waited._condition._sleepers is None and time.monotonic() < deadline:
                 time.sleep(0.001)  # until result() waits on the condition
             waited.set_running_or_notify_cancel()
             waited.set_result(1)
