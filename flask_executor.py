@@ -93,7 +93,7 @@ def _after_fork_in_child() -> None:
     global _pid, _fork_lock, _stop_lock, _connect_lock
     _pid = os.getpid()
     _fork_lock, _stop_lock, _connect_lock = threading.Lock(), threading.Lock(), threading.Lock()
-    _THREADS.clear()  # the parent's pool threads: not this process's to end at exit
+    _POOLS.clear()  # the parent's thread pools (their locks too): not this process's
     forkserver = sys.modules.get("multiprocessing.forkserver")
     if forkserver is not None:  # the parent's fork server is not this process's child
         server: Any = getattr(forkserver, "_forkserver")  # noqa: B009
@@ -395,7 +395,12 @@ try:
             sleepers.append(sleeper)
             held = self._release_save()  # type: ignore[attr-defined]  # as Condition does
             try:
-                woken = sleeper.acquire(True, -1 if timeout is None else timeout)
+                if timeout is None:
+                    woken = sleeper.acquire()
+                elif timeout > 0:
+                    woken = sleeper.acquire(True, timeout)
+                else:  # a deadline already past: no wait at all
+                    woken = sleeper.acquire(False)
             finally:
                 self._acquire_restore(held)  # type: ignore[attr-defined]
                 if sleeper in sleepers:  # timed out, or interrupted: not left to pile up
@@ -425,6 +430,7 @@ class _ContextFuture(Future):  # type: ignore[type-arg]
     _ask: Callable[..., object] | None = None  # the process pool's way to ask its task
     _ended = False  # the pool's outcome came back (the process pool's, under its lock)
     _gate: Callable[[BaseException], BaseException | None] | None = None  # a shared store's
+    _hub: Any = None  # a gevent task's: the hub whose loop runs it
 
     def __init__(self, patched: bool = False) -> None:  # Future's fields; a lock entered in C
         # (where threading is monkey-patched, greenlets must wait for the lock: its own kind)
@@ -475,20 +481,31 @@ class _ContextFuture(Future):  # type: ignore[type-arg]
             _watch_unread(self)
 
     def result(self, timeout: float | None = None) -> Any:
-        try:
-            return Future.result(self, timeout)
-        except concurrent.futures.TimeoutError as exc:
-            if exc is not self._exception:  # the wait timed out (not the task's TaskTimeout)
-                raise self._timed_out(timeout) from None
+        """As Future.result (written out: one call less on every task's path); a wait that
+        times out names the task, and a gevent task's waiter in its hub waits as a greenlet."""
+        if self._hub is not None:
+            self._wait(timeout)  # type: ignore[attr-defined]
+        with self._condition:
+            if self._state not in _DONE:
+                self._condition.wait(timeout)
+            state, error = self._state, self._exception
+            if state == "FINISHED" and error is None:
+                return self._result
+        if state == "FINISHED":
             self._retrieved = True
-            del self  # the raise puts this frame in the traceback that the future holds:
-            raise  # without self in it, no cycle keeps the future alive
-        except BaseException:
-            self._retrieved = self._retrieved or self._state == "FINISHED"
-            del self
-            raise
+        elif state in _DONE:
+            error = concurrent.futures.CancelledError()
+        else:
+            error = self._timed_out(timeout)
+        del self  # the raise puts this frame in the traceback that the future holds:
+        try:  # without self in it, no cycle keeps the future alive
+            raise error  # type: ignore[misc]  # (FINISHED and not a result: an exception)
+        finally:
+            error = None
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
+        if self._hub is not None:
+            self._wait(timeout)  # type: ignore[attr-defined]
         try:
             exception = Future.exception(self, timeout)
         except concurrent.futures.TimeoutError:
@@ -569,9 +586,15 @@ _Call = tuple[Any, Task, tuple[Any, ...], dict[str, Any]]
 
 
 def _run_in_future(call: _Call) -> None:
+    """Run a queued call and give its future the outcome. Future's set_running_or_notify_cancel
+    and set_result are written out for the common case (a call less each, on every task's
+    path; see _ContextFuture on Future's private state)."""
     future, fn, args, kwargs = call
     del call  # only `future` may hold the future (it is cleared below: no cycle)
-    if not future.set_running_or_notify_cancel():
+    with future._condition:
+        if pending := future._state == "PENDING":
+            future._state = "RUNNING"
+    if not pending and not future.set_running_or_notify_cancel():  # (cancelled)
         return
     try:
         result = fn(*args, **kwargs)
@@ -579,12 +602,21 @@ def _run_in_future(call: _Call) -> None:
         future.set_exception(exc)
         future = None  # the traceback holds this frame: no cycle
         return
-    try:  # (not future.set_result, which would only add a call: this future has no _ask)
-        Future.set_result(future, result)
-    except concurrent.futures.InvalidStateError:  # stopped first: dropped (and said)
-        if future._stopped_at is None:
-            raise
+    with future._condition:
+        if running := future._state == "RUNNING":  # not stopped meanwhile
+            future._result, future._state = result, "FINISHED"
+            for waiter in future._waiters:
+                waiter.add_result(future)
+            future._condition.notify_all()
+    if running:
+        future._invoke_callbacks()
+    elif future._stopped_at is not None:  # stopped first: dropped (and said)
         _late(future)
+    else:  # the task (or another) set its future itself
+        logging.getLogger(__name__).warning(
+            "background task %s: its future was already done, its result was dropped",
+            _task_name(future._captured.fn if future._captured else fn),
+        )
 
 
 class ThreadBackend(Backend):
@@ -601,9 +633,12 @@ class _ThreadPool(concurrent.futures.ThreadPoolExecutor):
     while none is idle, up to max_workers, and at exit runs what was queued, then ends.
 
     Only the class is CPython's (code checks isinstance(pool, ThreadPoolExecutor)): none of
-    its methods or private names are used. _shutdown_lock guards _shutdown and _threads."""
+    its methods or private names are used. _shutdown_lock guards _shutdown, _threads and
+    what is queued (see _end_threads)."""
 
     def __init__(self, max_workers: int | None, thread_name_prefix: str) -> None:
+        if max_workers is not None and max_workers <= 0:
+            raise ValueError("max_workers must be greater than 0")
         self._max_workers = max_workers or min(32, (os.cpu_count() or 1) + 4)
         self._thread_name_prefix = thread_name_prefix
         self._work_queue: Any = queue.SimpleQueue()  # of _Call, or None: end
@@ -613,30 +648,34 @@ class _ThreadPool(concurrent.futures.ThreadPoolExecutor):
         self._shutdown_lock = threading.Lock()
         monkey = sys.modules.get("gevent.monkey")
         self._patched = monkey is not None and monkey.is_module_patched("threading")
-        # Dropped without shutdown, its threads end: each waits on the queue, not the pool.
+        # Its threads hold this, not the pool: dropped (in a cycle too), they are told to end.
         self._ref = weakref.ref(self, functools.partial(_wake, self._work_queue))
-        atexit.unregister(_end_threads)  # (once, however many pools)
-        atexit.register(_end_threads)
+        _POOLS.add(self)
+        if not _POOLS.exit_hook:  # (threading's own exit hook, as ThreadPoolExecutor's: it runs
+            _POOLS.exit_hook = True  # before the interpreter waits for non-daemon threads)
+            getattr(threading, "_register_atexit", atexit.register)(_end_threads)
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         future = _ContextFuture(self._patched)
         with self._shutdown_lock:
-            if self._shutdown:
-                raise RuntimeError("cannot schedule new futures after shutdown")
-            self._work_queue.put((future, fn, args, kwargs))
+            if self._shutdown or _POOLS.exiting:
+                why = "interpreter shutdown" if _POOLS.exiting else "shutdown"
+                raise RuntimeError(f"cannot schedule new futures after {why}")
             if self._idle:  # (only submits take tokens, under this lock; appends are atomic)
                 self._idle.pop()
-            elif len(self._threads) < self._max_workers:
-                name = f"{self._thread_name_prefix}_{len(self._threads)}"
+            elif len(self._threads) < self._max_workers:  # started first: if it cannot be,
+                name = f"{self._thread_name_prefix}_{len(self._threads)}"  # nothing is queued
                 thread = threading.Thread(
-                    target=_work, args=(self._work_queue, self._idle), name=name, daemon=True
-                )
+                    target=_work, args=(self._ref, self._work_queue, self._idle), name=name,
+                    daemon=True,
+                )  # fmt: skip
                 thread.start()
                 self._threads.add(thread)
-                _THREADS[thread] = self._work_queue
+            self._work_queue.put((future, fn, args, kwargs))
         return future
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        queued = []
         with self._shutdown_lock:
             self._shutdown = True
             while cancel_futures:  # those still queued (a thread takes one only to run it)
@@ -645,17 +684,21 @@ class _ThreadPool(concurrent.futures.ThreadPoolExecutor):
                 except queue.Empty:
                     break
                 if call is not None:
-                    future, *_ = call
-                    future.cancel()
+                    queued.append(call)
             self._work_queue.put(None)  # each thread passes it on to the next, and ends
+        for future, _, _, _ in queued:  # (their callbacks may submit: not under the lock)
+            future.cancel()
         for thread in list(self._threads) if wait else ():
             thread.join()
 
 
-def _work(work_queue: queue.SimpleQueue[_Call | None], idle: list[None]) -> None:
+def _work(_pool: object, work_queue: queue.SimpleQueue[_Call | None], idle: list[None]) -> None:
     """A pool thread: run queued calls until it meets None (shutdown, exit, pool dropped)."""
     while (call := work_queue.get()) is not None:
-        _run_in_future(call)
+        try:
+            _run_in_future(call)
+        except BaseException:  # (it must not end the thread: the pool counts on it)
+            logging.getLogger(__name__).exception("a background task's outcome was lost")
         del call  # (its arguments are not kept alive while the thread waits)
         idle.append(None)
     work_queue.put(None)
@@ -665,47 +708,63 @@ def _wake(work_queue: queue.SimpleQueue[Any], _: object) -> None:
     work_queue.put(None)
 
 
-# Every pool thread of this process, and its pool's queue: at exit, once every other
-# (non-daemon) thread has ended, each runs what is queued and ends. (Daemon threads, as an
-# idle one must never hold the exit up; the queue is FIFO, so None comes after the tasks.)
-_THREADS: weakref.WeakKeyDictionary[threading.Thread, queue.SimpleQueue[Any]]
-_THREADS = weakref.WeakKeyDictionary()
+class _Pools(weakref.WeakSet["_ThreadPool"]):
+    """Every thread pool of this process, for the exit hook."""
+
+    exit_hook = False  # registered (once a process, whatever its pools)
+    exiting = False  # the interpreter exits: pools take no new task
+
+
+_POOLS = _Pools()
 
 
 def _end_threads() -> None:
-    threads = list(_THREADS.items())
-    for _, work_queue in threads:
-        work_queue.put(None)
-    for thread, _ in threads:
-        thread.join()
+    """At interpreter exit: no pool takes a task from now on (a submit holding a pool's lock
+    queued before this None, or sees `exiting`); what is queued runs, then the threads end."""
+    _POOLS.exiting = True
+    pools = list(_POOLS)
+    for pool in pools:
+        with pool._shutdown_lock:
+            pool._work_queue.put(None)
+    for pool in pools:
+        for thread in list(pool._threads):
+            thread.join()
 
 
 class GeventBackend(Backend):
-    """Tasks as greenlets in a ``gevent.pool.Pool``, for apps served by gevent."""
+    """Tasks as greenlets, for apps served by gevent."""
 
     def create_pool(self, max_workers: int | None, config: Config) -> concurrent.futures.Executor:
         try:
-            import gevent.pool  # noqa: F401
+            import gevent  # noqa: F401
         except ImportError as exc:
             raise ImportError("EXECUTOR_TYPE='gevent' needs gevent: pip install gevent") from exc
         return _GeventExecutor(max_workers)
 
 
 class _GeventExecutor(concurrent.futures.Executor):
-    """A ``gevent.pool.Pool`` behind the Executor interface; ``submit`` never blocks.
+    """Greenlets behind the Executor interface; ``submit`` never blocks. Each greenlet runs
+    its task, then any that were queued while max_workers greenlets ran (a gevent Pool
+    would do what this does, with more Python-level calls per task).
 
     No locks: it is used from the greenlets of one hub, which switch only where they wait."""
 
     def __init__(self, max_workers: int | None) -> None:
-        import gevent.pool
+        import gevent
+        import gevent.event
 
+        _GeventFuture._new_event = gevent.event.Event
         self._get_hub, self._getcurrent = gevent.get_hub, gevent.getcurrent
-        self._pool = gevent.pool.Pool(max_workers)
+        # Its greenlets do not record the lines of the 10 frames above each spawn (gevent's
+        # debugging aid, which it lets a Greenlet class turn off): 17,000 instructions for
+        # a task submitted from a view, a sixth of its whole cost.
+        greenlet: Any = type("TaskGreenlet", (gevent.Greenlet,), {"spawning_stack_limit": 0})
+        self._spawn, self._joinall = greenlet.spawn, gevent.joinall
         self._size = max_workers
+        self._greenlets: set[Any] = set()  # those spawned and not yet ended
         monkey = sys.modules.get("gevent.monkey")  # gevent patches before the app is built
         self._patched = monkey is not None and monkey.is_module_patched("threading")
-        # Tasks that found every slot busy, oldest first: a full Pool.spawn would block.
-        self._waiting: collections.deque[_Call] = collections.deque()
+        self._waiting: collections.deque[_Call] = collections.deque()  # oldest first
         self._shutdown = False
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
@@ -722,37 +781,53 @@ class _GeventExecutor(concurrent.futures.Executor):
         future = _GeventFuture(self._patched)
         future._hub = self._get_hub()  # the hub whose loop will run the greenlet
         call = (future, fn, args, kwargs)
-        if self._size is not None and len(self._pool.greenlets) >= self._size:  # full
+        if self._size is not None and len(self._greenlets) >= self._size:
             self._waiting.append(call)
         else:
-            self._spawn(call)
+            future._greenlet = greenlet = self._spawn(self._run, call)  # where a stop is thrown in
+            self._greenlets.add(greenlet)
         return future
 
-    def _spawn(self, call: _Call) -> None:
-        greenlet = self._pool.spawn(_run_in_future, call)
-        future, *_ = call
-        future._greenlet = greenlet  # where a stop is thrown in
-        if self._size is not None:
-            greenlet.rawlink(self._start_next)  # runs after the pool has freed the slot
+    def _start(self, call: _Call) -> None:
+        future, _, _, _ = call
+        future._greenlet = greenlet = self._spawn(self._run, call)
+        self._greenlets.add(greenlet)
 
-    def _start_next(self, _greenlet: object) -> None:
-        if self._waiting:
-            self._spawn(self._waiting.popleft())
+    def _run(self, call: _Call) -> None:
+        """A greenlet: its call, then those waiting. Killed before one of them ran, that one
+        goes back to the queue, and another greenlet runs the rest (a task accepted is run)."""
+        greenlet = self._getcurrent()
+        try:
+            _run_in_future(call)
+            while self._waiting:
+                future, _, _, _ = call = self._waiting.popleft()
+                future._greenlet = greenlet
+                _run_in_future(call)
+        finally:
+            self._greenlets.discard(greenlet)
+            future, _, _, _ = call
+            if future._state == "PENDING":
+                self._waiting.appendleft(call)
+            # (a task's traceback may keep this frame alive: it must not hold a future)
+            future = call = None  # type: ignore[assignment]
+            if self._waiting and not self._greenlets:
+                self._start(self._waiting.popleft())
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        if wait and self._getcurrent() in self._pool.greenlets:
+        if wait and self._getcurrent() in self._greenlets:
             raise RuntimeError(
                 "cannot join current greenlet: shutdown(wait=True) was called from one of this "
                 "executor's own tasks, which would wait for itself; use shutdown(wait=False)"
             )
         self._shutdown = True
         if cancel_futures:  # spawned, not started (gevent drops args once a greenlet ran)
-            calls = [*(call for greenlet in self._pool for call in greenlet.args), *self._waiting]
+            calls = [*(call for greenlet in self._greenlets for call in greenlet.args),
+                     *self._waiting]  # fmt: skip
             self._waiting.clear()
-            for future, *_ in calls:
+            for future, _, _, _ in calls:
                 Future.cancel(future)  # pending only, not a running one
-        while wait and (self._pool or self._waiting):
-            self._pool.join()
+        while wait and (running := [g for g in self._greenlets if not g.dead]):
+            self._joinall(running)  # (one killed before it started never ran: not waited for)
 
 
 def _runs_a_hub() -> bool:
@@ -793,7 +868,7 @@ _DONE = ("FINISHED", "CANCELLED", "CANCELLED_AND_NOTIFIED")  # a Future's states
 class _GeventFuture(_ContextFuture):
     """A Future a greenlet can wait on without blocking its hub, patched or not."""
 
-    _hub: Any = None
+    _new_event: Any = None  # gevent's Event class (set with the first gevent executor)
     _event: Any = None  # one gevent Event, set when done: polling adds nothing per call
     _greenlet: Any = None  # the greenlet that runs its task
 
@@ -812,27 +887,13 @@ class _GeventFuture(_ContextFuture):
         if task is not None and task.inside and not self._greenlet.dead:
             self._greenlet.throw(_Stop)
 
-    def result(self, timeout: float | None = None) -> Any:
-        self._wait(timeout)
-        try:
-            return super().result(timeout)
-        except BaseException:
-            del self  # see _ContextFuture.result
-            raise
-
-    def exception(self, timeout: float | None = None) -> BaseException | None:
-        self._wait(timeout)
-        return super().exception(timeout)
-
     def _wait(self, timeout: float | None) -> None:
         """In the hub that runs the task, wait as a greenlet: a thread's blocking wait would
         stop the hub, and the task with it. Another thread's wait blocks only that thread."""
         if self._state in _DONE or _hub_here() is not self._hub:
             return
         if self._event is None:
-            import gevent.event
-
-            self._event = gevent.event.Event()  # set by _invoke_callbacks, which runs after
+            self._event = self._new_event()  # set by _invoke_callbacks, which runs after
             if self._state in _DONE:  # the state is set: done meanwhile, it found no event
                 return
         if not self._event.wait(timeout):

@@ -770,7 +770,7 @@ class TestThreadPool:
                 queued = executor.submit(int, 7)
                 pid = os.fork()
                 if pid == 0:
-                    raise SystemExit(3 if flask_executor._THREADS else 0)  # atexit runs
+                    raise SystemExit(3 if flask_executor._POOLS else 0)  # atexit runs
                 _, status = os.waitpid(pid, 0)
                 release.set()
                 print(os.waitstatus_to_exitcode(status), running.result(30), queued.result(30))
@@ -778,6 +778,156 @@ class TestThreadPool:
             timeout=60,
         )
         assert out.stdout.split() == ["0", "True", "7"], out.stderr
+
+    def test_a_timeout_at_or_below_zero_does_not_wait(self, make_executor):
+        """As Future.result: timeout=0 or less (a deadline already past) raises TimeoutError
+        at once, and map() whose caller reads slowly too."""
+        app, executor = make_executor(EXECUTOR_MAX_WORKERS=1)
+        release = threading.Event()
+        with app.app_context():
+            future = executor.submit(release.wait, TIMEOUT)
+            for timeout in (0, -0.5, -1):
+                started = time.monotonic()
+                with pytest.raises(cf.TimeoutError):
+                    future.result(timeout)
+                with pytest.raises(cf.TimeoutError):
+                    future.exception(timeout)
+                assert time.monotonic() - started < TIMEOUT / 2
+            release.set()
+            results = executor.map(release.wait, [TIMEOUT, TIMEOUT], timeout=0.2)
+            time.sleep(0.3)  # the caller reads late: map's deadline is past
+            assert list(results) == [True, True]  # done by then: no wait at all
+            release.clear()
+            results = executor.map(release.wait, [TIMEOUT], timeout=0.05)
+            time.sleep(0.1)
+            with pytest.raises(cf.TimeoutError):
+                list(results)
+            release.set()
+
+    def test_max_workers_below_one_is_refused(self):
+        config = flask_executor.Config(make_app(), "")
+        for bad in (0, -1):
+            with pytest.raises(ValueError, match="max_workers must be greater than 0"):
+                ThreadBackend().create_pool(bad, config)
+
+    def test_pools_of_apps_dropped_in_a_cycle_end_their_threads(self):
+        """An app, its extension state and its pool hold each other: the cyclic GC frees
+        them, and the pool's threads must end then too (an app factory per test)."""
+        before = {t for t in threading.enumerate() if "-executor_" in t.name}
+        for n in range(5):
+            app = make_app()
+            app.name = f"dropped{n}"
+            executor = Executor(app)
+            with app.app_context():
+                assert executor.submit(square, 2).result(TIMEOUT) == 4
+            del app, executor
+        gc.collect()
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            left = {t for t in threading.enumerate() if "-executor_" in t.name} - before
+            if not left:
+                break
+            time.sleep(0.01)
+        assert not left
+
+    def test_a_done_callback_that_submits_does_not_hang_shutdown(self, make_executor):
+        """shutdown(cancel_futures=True) cancels what is queued; the cancelled futures'
+        callbacks may submit (a retry): they get an error, not a deadlock."""
+        app, executor = make_executor(EXECUTOR_MAX_WORKERS=1)
+        refused: list[str] = []
+
+        def retry(future: cf.Future) -> None:
+            try:
+                executor.submit(int)
+            except RuntimeError as exc:
+                refused.append(str(exc))
+
+        executor.add_default_done_callback(retry)
+        release, started = threading.Event(), threading.Event()
+        with app.app_context():
+            executor.submit(lambda: started.set() or release.wait(TIMEOUT))
+            assert started.wait(TIMEOUT)
+            queued = executor.submit(int)
+            stopper = threading.Thread(target=executor.shutdown, args=(True,),
+                                       kwargs={"cancel_futures": True})  # fmt: skip
+            stopper.start()
+            deadline = time.monotonic() + TIMEOUT
+            while not queued.cancelled() and time.monotonic() < deadline:
+                time.sleep(0.001)
+            release.set()
+            stopper.join(TIMEOUT)
+        assert not stopper.is_alive() and queued.cancelled()
+        assert refused and all("after shutdown" in why for why in refused)
+
+    def test_a_task_that_completes_its_own_future_leaves_the_pool_working(self, make_executor):
+        app, executor = make_executor(EXECUTOR_MAX_WORKERS=1)
+        box: list[cf.Future] = []
+        ready = threading.Event()
+
+        def meddle() -> int:
+            ready.wait(TIMEOUT)
+            box[0].set_result("set by the task")
+            return 1
+
+        with app.app_context():
+            box.append(executor.submit(meddle))
+            ready.set()
+            assert box[0].result(TIMEOUT) == "set by the task"
+            assert executor.submit(square, 5).result(TIMEOUT) == 25  # the thread lives on
+
+    def test_a_thread_that_cannot_start_leaves_nothing_queued(self, make_executor, monkeypatch):
+        app, executor = make_executor(EXECUTOR_MAX_WORKERS=2)
+        ran: list[int] = []
+        with app.app_context():
+            assert executor.submit(ran.append, 1).result(TIMEOUT) is None
+            release = threading.Event()
+            busy = executor.submit(release.wait, TIMEOUT)  # the one thread is busy
+
+            def refuse(thread: threading.Thread) -> None:
+                raise RuntimeError("can't start new thread")
+
+            monkeypatch.setattr(threading.Thread, "start", refuse)
+            with pytest.raises(RuntimeError, match="can't start new thread"):
+                executor.submit(ran.append, 2)  # refused: it must not run later
+            monkeypatch.undo()
+            release.set()
+            busy.result(TIMEOUT)
+            assert executor.submit(ran.append, 3).result(TIMEOUT) is None
+        executor.shutdown(wait=True)
+        assert ran == [1, 3]
+
+    @pytest.mark.parametrize("how", ["from a task", "from an atexit handler"])
+    def test_submit_during_interpreter_exit_is_refused(self, how):
+        """As ThreadPoolExecutor: once the interpreter exits, submit raises (a task it took
+        then would never run); what was queued before still runs."""
+        out = run_script(
+            """
+            import atexit, sys, time, flask, flask_executor
+            how = sys.argv[1]
+            def late():
+                try:
+                    executor.submit(print, "late task ran").result(10)
+                except RuntimeError as exc:
+                    print("refused:", exc, flush=True)
+            if how == "from an atexit handler":
+                atexit.register(late)  # registered first: runs after the executor's own
+            app = flask.Flask("exiting")
+            app.config["EXECUTOR_MAX_WORKERS"] = 2
+            executor = flask_executor.Executor(app)
+            def first():
+                time.sleep(0.3)  # still running when the script ends
+                late()
+            with app.app_context():
+                executor.submit(int).result(10)
+                if how == "from a task":
+                    executor.submit(first)
+            print("leaving", flush=True)
+            """.replace("sys.argv[1]", repr(how)),
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        assert "refused: cannot schedule new futures after interpreter shutdown" in out.stdout
+        assert "late task ran" not in out.stdout
 
 
 # -- 3b. The gevent backend ----------------------------------------------------------
@@ -1903,6 +2053,7 @@ class TestStopRaces:
 
         ran: list[str] = []
         with appcontext_pushed.connected_to(slow_receiver, app), app.app_context():
+            pushing.clear()  # (set by this context's own push): the task's push sets it again
             future = executor.submit(ran.append, "ran")
             assert pushing.wait(TIMEOUT) and future.running()
             assert future.cancel() is True
