@@ -551,8 +551,13 @@ def _watch_unread(future: Any) -> None:
     or before the submitter gave it our class)."""
     cls = type(future)  # (its _captured may not be set yet: the submitter sets it)
     if not issubclass(cls, _Unread):
-        unread = _UNREAD.get(cls) or type(cls.__name__, (_Unread, cls), {"__module__": __name__})
-        future.__class__ = _UNREAD.setdefault(cls, unread)
+        future.__class__ = _unread_class(cls)
+
+
+def _unread_class(cls: type) -> type:
+    """The future class ``cls`` with _Unread mixed in (made once)."""
+    unread = _UNREAD.get(cls) or type(cls.__name__, (_Unread, cls), {"__module__": __name__})
+    return _UNREAD.setdefault(cls, unread)
 
 
 _UNREAD: dict[type, type] = {}  # each future class, and the same with _Unread mixed in
@@ -951,13 +956,15 @@ class _ProcessPool(concurrent.futures.ProcessPoolExecutor):
         name = getattr(fn, "__qualname__", "")
         if "<lambda>" in name or "<locals>" in name:
             raise TypeError(_unpicklable(fn, "a lambda or nested function has no importable name"))
-        target = inspect.unwrap(fn) if hasattr(fn, "__wrapped__") else fn  # (unwrap is slow)
-        if isinstance(getattr(target, "__self__", None), Flask):
+        target = fn  # (no hasattr or getattr with a default: each miss formats an error)
+        if "__wrapped__" in getattr(fn, "__dict__", ()):
+            target = inspect.unwrap(fn)
+        if type(target) is types.MethodType and isinstance(target.__self__, Flask):
             raise TypeError(_unpicklable(fn, "it is a bound method of the Flask app"))
         number = next(self._numbers)
         future = super().submit(_in_fresh_context, number, self._limit, fn, *args, **kwargs)
-        future.__class__ = _ContextFuture
-        _watch_unread(future)  # its outcome may come back before this line: watched at once
+        # its outcome may come back before this line: watched for at once (one class change)
+        future.__class__ = _unread_class(_ContextFuture)
         future._ask = functools.partial(_ask_to_stop, self, number)  # type: ignore[attr-defined]
         if self._limit is not None:
             started = functools.partial(_started, self, number)
