@@ -1112,6 +1112,15 @@ class TestGevent:
             executor.shutdown(wait=True)
         assert ran == [] and future.cancelled()
 
+    def test_task_greenlets_record_no_spawning_stack(self, make_executor):
+        import gevent
+
+        app, executor = make_executor(EXECUTOR_TYPE="gevent", EXECUTOR_MAX_WORKERS=2)
+        with app.app_context():
+            greenlet = executor.submit(gevent.getcurrent).result(TIMEOUT)
+        assert isinstance(greenlet, gevent.Greenlet) and greenlet.spawning_stack is None
+        assert type(greenlet).spawning_stack_limit == 0
+
     def test_shutdown_waits_for_every_accepted_task(self, make_executor):
         import gevent
 
