@@ -590,23 +590,27 @@ class Backend(abc.ABC):
 _Call = tuple[Any, Task, tuple[Any, ...], dict[str, Any]]
 
 
-def _run_in_future(call: _Call) -> None:
-    """Run a queued call and give its future the outcome. Future's set_running_or_notify_cancel
-    and set_result are written out for the common case (a call less each, on every task's
-    path; see _ContextFuture on Future's private state)."""
+def _run_in_future(call: _Call) -> bool:
+    """Run a queued call and give its future the outcome; True if the call ended with a
+    BaseException that is no Exception (GreenletExit: its greenlet was killed). Future's
+    set_running_or_notify_cancel and set_result are written out for the common case (a
+    call less each, on every task's path; see _ContextFuture on Future's private state)."""
     future, fn, args, kwargs = call
     del call  # only `future` may hold the future (it is cleared below: no cycle)
     with future._condition:
         if pending := future._state == "PENDING":
             future._state = "RUNNING"
     if not pending and not future.set_running_or_notify_cancel():  # (cancelled)
-        return
+        return False
     try:
         result = fn(*args, **kwargs)
     except BaseException as exc:
-        future.set_exception(exc)
+        try:
+            future.set_exception(exc)
+        except concurrent.futures.InvalidStateError:  # the task set its future itself
+            _already_done(future, fn)
         future = None  # the traceback holds this frame: no cycle
-        return
+        return not isinstance(exc, Exception)
     with future._condition:
         if running := future._state == "RUNNING":  # not stopped meanwhile
             future._result, future._state = result, "FINISHED"
@@ -618,10 +622,15 @@ def _run_in_future(call: _Call) -> None:
     elif future._stopped_at is not None:  # stopped first: dropped (and said)
         _late(future)
     else:  # the task (or another) set its future itself
-        logging.getLogger(__name__).warning(
-            "background task %s: its future was already done, its result was dropped",
-            _task_name(future._captured.fn if future._captured else fn),
-        )
+        _already_done(future, fn)
+    return False
+
+
+def _already_done(future: Any, fn: Task) -> None:
+    logging.getLogger(__name__).warning(
+        "background task %s: its future was already done, its outcome was dropped",
+        _task_name(future._captured.fn if future._captured else fn),
+    )
 
 
 class ThreadBackend(Backend):
@@ -766,7 +775,7 @@ class _GeventExecutor(concurrent.futures.Executor):
         greenlet: Any = type("TaskGreenlet", (gevent.Greenlet,), {"spawning_stack_limit": 0})
         self._spawn, self._joinall = greenlet.spawn, gevent.joinall
         self._size = max_workers
-        self._greenlets: set[Any] = set()  # those spawned and not yet ended
+        self._greenlets: dict[Any, Future[Any]] = {}  # spawned, not ended: their first task
         monkey = sys.modules.get("gevent.monkey")  # gevent patches before the app is built
         self._patched = monkey is not None and monkey.is_module_patched("threading")
         self._waiting: collections.deque[_Call] = collections.deque()  # oldest first
@@ -786,36 +795,44 @@ class _GeventExecutor(concurrent.futures.Executor):
         future = _GeventFuture(self._patched)
         future._hub = self._get_hub()  # the hub whose loop will run the greenlet
         call = (future, fn, args, kwargs)
-        if self._size is not None and len(self._greenlets) >= self._size:
+        if self._size is not None and len(self._greenlets) >= self._size and self._full():
             self._waiting.append(call)
         else:
             future._greenlet = greenlet = self._spawn(self._run, call)  # where a stop is thrown in
-            self._greenlets.add(greenlet)
+            self._greenlets[greenlet] = future
         return future
 
     def _start(self, call: _Call) -> None:
         future, _, _, _ = call
         future._greenlet = greenlet = self._spawn(self._run, call)
-        self._greenlets.add(greenlet)
+        self._greenlets[greenlet] = future
+
+    def _full(self) -> bool:
+        """Whether max_workers greenlets run, once those killed before they started are
+        dropped (gevent.killall): each one's task never runs, and its future is cancelled."""
+        for greenlet in [g for g in self._greenlets if g.dead]:  # (one that ran is not here)
+            Future.cancel(self._greenlets.pop(greenlet))
+        return len(self._greenlets) >= (self._size or 0)
 
     def _run(self, call: _Call) -> None:
-        """A greenlet: its call, then those waiting. Killed before one of them ran, that one
-        goes back to the queue, and another greenlet runs the rest (a task accepted is run)."""
+        """A greenlet: its call, then those waiting. Killed (GreenletExit thrown in), it ends
+        there; killed before one of them ran, that one goes back to the queue; another
+        greenlet then runs the rest (a task accepted is run)."""
         greenlet = self._getcurrent()
         try:
-            _run_in_future(call)
-            while self._waiting:
+            killed = _run_in_future(call)
+            while self._waiting and not killed:
                 future, _, _, _ = call = self._waiting.popleft()
                 future._greenlet = greenlet
-                _run_in_future(call)
+                killed = _run_in_future(call)
         finally:
-            self._greenlets.discard(greenlet)
+            self._greenlets.pop(greenlet, None)
             future, _, _, _ = call
             if future._state == "PENDING":
                 self._waiting.appendleft(call)
             # (a task's traceback may keep this frame alive: it must not hold a future)
             future = call = None  # type: ignore[assignment]
-            if self._waiting and not self._greenlets:
+            if self._waiting and not self._full():
                 self._start(self._waiting.popleft())
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -831,8 +848,11 @@ class _GeventExecutor(concurrent.futures.Executor):
             self._waiting.clear()
             for future, _, _, _ in calls:
                 Future.cancel(future)  # pending only, not a running one
-        while wait and (running := [g for g in self._greenlets if not g.dead]):
-            self._joinall(running)  # (one killed before it started never ran: not waited for)
+        while wait and (self._greenlets or self._waiting):
+            if self._waiting and not self._full():  # (all that ran them were killed)
+                self._start(self._waiting.popleft())
+            self._joinall([g for g in self._greenlets if not g.dead])
+            self._full()  # (drops those killed before they started)
 
 
 def _runs_a_hub() -> bool:
@@ -956,11 +976,13 @@ class _ProcessPool(concurrent.futures.ProcessPoolExecutor):
         name = getattr(fn, "__qualname__", "")
         if "<lambda>" in name or "<locals>" in name:
             raise TypeError(_unpicklable(fn, "a lambda or nested function has no importable name"))
-        target = fn  # (no hasattr or getattr with a default: each miss formats an error)
+        target: Any = fn  # (no hasattr or getattr with a default: each miss formats an error)
         if "__wrapped__" in getattr(fn, "__dict__", ()):
             target = inspect.unwrap(fn)
-        if type(target) is types.MethodType and isinstance(target.__self__, Flask):
-            raise TypeError(_unpicklable(fn, "it is a bound method of the Flask app"))
+        methods: tuple[Any, ...] = (target, fn)
+        for method in methods:
+            if type(method) in _METHODS and isinstance(method.__self__, Flask):
+                raise TypeError(_unpicklable(fn, "it is a bound method of the Flask app"))
         number = next(self._numbers)
         future = super().submit(_in_fresh_context, number, self._limit, fn, *args, **kwargs)
         # its outcome may come back before this line: watched for at once (one class change)
@@ -970,6 +992,9 @@ class _ProcessPool(concurrent.futures.ProcessPoolExecutor):
             started = functools.partial(_started, self, number)
             _watchdog().add(_Limit(future, started, fn, self._limit))
         return future
+
+
+_METHODS = (types.MethodType, types.BuiltinMethodType, types.MethodWrapperType)  # bound
 
 
 def _init_worker(stops: Any, starts: Any, ends: Any) -> None:

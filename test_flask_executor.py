@@ -1112,6 +1112,65 @@ class TestGevent:
             executor.shutdown(wait=True)
         assert ran == [] and future.cancelled()
 
+    @pytest.mark.parametrize("max_workers", [1, 2])
+    def test_greenlets_killed_before_they_start_free_their_slots(self, make_executor, max_workers):
+        """gevent.killall of the pool's greenlets before they ran: their tasks never run
+        and their futures are cancelled; the tasks queued behind them, and later ones, run."""
+        import gevent
+
+        app, executor = make_executor(EXECUTOR_TYPE="gevent", EXECUTOR_MAX_WORKERS=max_workers)
+        ran: list[int] = []
+        with app.app_context():
+            killed = [executor.submit(ran.append, n) for n in range(max_workers)]
+            queued = [executor.submit(ran.append, n) for n in range(10, 13)]
+            gevent.killall([f._greenlet for f in killed])
+            later = [executor.submit(ran.append, n) for n in range(20, 23)]
+            assert [f.result(TIMEOUT) for f in queued + later] == [None] * 6
+            assert all(f.cancelled() for f in killed)
+            executor.shutdown(wait=True)
+        assert sorted(ran) == [10, 11, 12, 20, 21, 22]
+
+    def test_shutdown_runs_what_killed_greenlets_left_queued(self, make_executor):
+        import gevent
+
+        app, executor = make_executor(EXECUTOR_TYPE="gevent", EXECUTOR_MAX_WORKERS=1)
+        ran: list[int] = []
+        with app.app_context():
+            first = executor.submit(ran.append, 0)
+            queued = [executor.submit(ran.append, n) for n in (1, 2)]
+            gevent.kill(first._greenlet)  # before it started: nothing else will start them
+            executor.shutdown(wait=True)
+        assert first.cancelled() and all(f.done() for f in queued) and ran == [1, 2]
+
+    def test_killing_a_running_task_does_not_wait_for_the_queue(self, make_executor):
+        """greenlet.kill() of a running task returns once that greenlet is dead: the queue
+        behind it goes to another greenlet, not to the one being killed."""
+        import gevent
+
+        app, executor = make_executor(EXECUTOR_TYPE="gevent", EXECUTOR_MAX_WORKERS=1)
+        with app.app_context():
+            futures = [executor.submit(gevent.sleep, 0.2) for _ in range(6)]
+            gevent.sleep(0.05)
+            started = time.monotonic()
+            futures[0]._greenlet.kill()  # waits until it is dead
+            assert time.monotonic() - started < 0.15  # (not the queue's 1 s)
+            assert isinstance(futures[0].exception(TIMEOUT), gevent.GreenletExit)
+            assert all(f.exception(TIMEOUT) is None for f in futures[1:])
+
+    def test_a_task_that_completes_its_own_future_then_raises(self, make_executor, caplog):
+        app, executor = make_executor(EXECUTOR_TYPE="gevent", EXECUTOR_MAX_WORKERS=1)
+        box: list[cf.Future] = []
+
+        def meddle() -> None:
+            box[0].set_result("set by the task")
+            raise ValueError("then failed")
+
+        with app.app_context():
+            box.append(executor.submit(meddle))
+            assert box[0].result(TIMEOUT) == "set by the task"
+            assert executor.submit(square, 3).result(TIMEOUT) == 9
+        assert "already done, its outcome was dropped" in caplog.text
+
     def test_task_greenlets_record_no_spawning_stack(self, make_executor):
         import gevent
 
@@ -5450,6 +5509,12 @@ class TestNoFalseFronts:
         ]
 
 
+class DecoratedApp(Flask):
+    @functools.cache  # noqa: B019  # a decorator that wraps the function
+    def cached(self, x: int) -> int:
+        return x
+
+
 # -- misuse: the README's error table, row by row (those not tested above) ----------------
 
 
@@ -5466,6 +5531,13 @@ class TestMisuse:
         app, executor = make_executor(EXECUTOR_TYPE="process")
         with app.app_context(), pytest.raises(TypeError, match="bound method of the Flask app"):
             executor.submit(app.make_response, "x")
+
+    def test_decorated_and_builtin_methods_of_the_app_are_refused(self, make_executor):
+        app, executor = make_executor(EXECUTOR_TYPE="process")
+        decorated = DecoratedApp("decorated")
+        for method in (decorated.cached, app.__sizeof__):
+            with app.app_context(), pytest.raises(TypeError, match="bound method of the Flask"):
+                executor.submit(method, 1)
 
     def test_closure_is_refused_at_submit(self, make_executor):
         app, executor = make_executor(EXECUTOR_TYPE="process")
