@@ -87,6 +87,16 @@ _pid = os.getpid()  # this process, kept current by the fork hook below: a cheap
 _fork_lock = threading.Lock()
 
 
+class _Pools(weakref.WeakSet["_ThreadPool"]):
+    """Every thread pool of this process, for its exit hook (_end_threads, section 3)."""
+
+    exit_hook = False  # registered (once a process, whatever its pools)
+    exiting = False  # the interpreter exits: pools take no new task
+
+
+_POOLS = _Pools()
+
+
 def _after_fork_in_child() -> None:
     """A forked child's fresh start: its pid, and new locks (another thread of the parent
     may have held one at the fork, and nothing in the child would ever release it)."""
@@ -371,6 +381,8 @@ def _pop(ctx: Any, error: BaseException | None, teardown: bool) -> None:
             appcontext_popped.send(ctx.app, _async_wrapper=ctx.app.ensure_sync)
 
 
+_DONE = ("FINISHED", "CANCELLED", "CANCELLED_AND_NOTIFIED")  # a Future's states once done
+
 try:
 
     class _FutureLock(_thread.RLock):  # type: ignore[misc]  # typeshed calls it final; it is not
@@ -421,8 +433,10 @@ class _ContextFuture(Future):  # type: ignore[type-arg]
     nobody ever reads it, is logged when the future is dropped (as asyncio does), and which
     cancel() or a time limit makes done at once, even while its task runs on (section 7).
 
-    It reads and writes Future's private state (_condition, _state): CPython's own
-    subclasses do; concurrent.futures has kept these names since Python 3.2."""
+    It makes, reads and writes Future's private state (_condition, _state, _result,
+    _exception, _waiters, _done_callbacks, _invoke_callbacks) instead of calling Future's
+    methods on each task's path: CPython's own subclasses use these names, which
+    concurrent.futures has kept since Python 3.2."""
 
     _captured: _Task | None = None
     _retrieved = False  # result() or exception() has returned the outcome to someone
@@ -608,7 +622,7 @@ def _run_in_future(call: _Call) -> bool:
         try:
             future.set_exception(exc)
         except concurrent.futures.InvalidStateError:  # the task set its future itself
-            _already_done(future, fn)
+            _already_done(future, fn, exc)
         future = None  # the traceback holds this frame: no cycle
         return not isinstance(exc, Exception)
     with future._condition:
@@ -626,10 +640,11 @@ def _run_in_future(call: _Call) -> bool:
     return False
 
 
-def _already_done(future: Any, fn: Task) -> None:
+def _already_done(future: Any, fn: Task, exc: BaseException | None = None) -> None:
     logging.getLogger(__name__).warning(
         "background task %s: its future was already done, its outcome was dropped",
         _task_name(future._captured.fn if future._captured else fn),
+        exc_info=exc,
     )
 
 
@@ -647,8 +662,8 @@ class _ThreadPool(concurrent.futures.ThreadPoolExecutor):
     while none is idle, up to max_workers, and at exit runs what was queued, then ends.
 
     Only the class is CPython's (code checks isinstance(pool, ThreadPoolExecutor)): none of
-    its methods or private names are used. _shutdown_lock guards _shutdown, _threads and
-    what is queued (see _end_threads)."""
+    its methods or private names are used. _shutdown_lock guards _shutdown, _threads, the
+    taking of _idle tokens, and what is queued (see _end_threads)."""
 
     def __init__(self, max_workers: int | None, thread_name_prefix: str) -> None:
         if max_workers is not None and max_workers <= 0:
@@ -706,8 +721,9 @@ class _ThreadPool(concurrent.futures.ThreadPoolExecutor):
             thread.join()
 
 
-def _work(_pool: object, work_queue: queue.SimpleQueue[_Call | None], idle: list[None]) -> None:
-    """A pool thread: run queued calls until it meets None (shutdown, exit, pool dropped)."""
+def _work(pool_ref: object, work_queue: queue.SimpleQueue[_Call | None], idle: list[None]) -> None:
+    """A pool thread: run queued calls until it meets None (shutdown, exit, pool dropped).
+    It holds the pool's weakref (not the pool), whose callback puts that None."""
     while (call := work_queue.get()) is not None:
         try:
             _run_in_future(call)
@@ -720,16 +736,6 @@ def _work(_pool: object, work_queue: queue.SimpleQueue[_Call | None], idle: list
 
 def _wake(work_queue: queue.SimpleQueue[Any], _: object) -> None:
     work_queue.put(None)
-
-
-class _Pools(weakref.WeakSet["_ThreadPool"]):
-    """Every thread pool of this process, for the exit hook."""
-
-    exit_hook = False  # registered (once a process, whatever its pools)
-    exiting = False  # the interpreter exits: pools take no new task
-
-
-_POOLS = _Pools()
 
 
 def _end_threads() -> None:
@@ -774,7 +780,7 @@ class _GeventExecutor(concurrent.futures.Executor):
         # a task submitted from a view, a sixth of its whole cost.
         greenlet: Any = type("TaskGreenlet", (gevent.Greenlet,), {"spawning_stack_limit": 0})
         self._spawn, self._joinall = greenlet.spawn, gevent.joinall
-        self._size = max_workers
+        self._max_workers = max_workers
         self._greenlets: dict[Any, Future[Any]] = {}  # spawned, not ended: their first task
         monkey = sys.modules.get("gevent.monkey")  # gevent patches before the app is built
         self._patched = monkey is not None and monkey.is_module_patched("threading")
@@ -795,7 +801,11 @@ class _GeventExecutor(concurrent.futures.Executor):
         future = _GeventFuture(self._patched)
         future._hub = self._get_hub()  # the hub whose loop will run the greenlet
         call = (future, fn, args, kwargs)
-        if self._size is not None and len(self._greenlets) >= self._size and self._full():
+        if (
+            self._max_workers is not None
+            and len(self._greenlets) >= self._max_workers
+            and self._full()
+        ):
             self._waiting.append(call)
         else:
             future._greenlet = greenlet = self._spawn(self._run, call)  # where a stop is thrown in
@@ -811,8 +821,10 @@ class _GeventExecutor(concurrent.futures.Executor):
         """Whether max_workers greenlets run, once those killed before they started are
         dropped (gevent.killall): each one's task never runs, and its future is cancelled."""
         for greenlet in [g for g in self._greenlets if g.dead]:  # (one that ran is not here)
-            Future.cancel(self._greenlets.pop(greenlet))
-        return len(self._greenlets) >= (self._size or 0)
+            future = self._greenlets.pop(greenlet, None)  # (a callback below may switch to
+            if future is not None:  # another greenlet, which drops it first)
+                Future.cancel(future)
+        return len(self._greenlets) >= (self._max_workers or 0)
 
     def _run(self, call: _Call) -> None:
         """A greenlet: its call, then those waiting. Killed (GreenletExit thrown in), it ends
@@ -842,7 +854,8 @@ class _GeventExecutor(concurrent.futures.Executor):
                 "executor's own tasks, which would wait for itself; use shutdown(wait=False)"
             )
         self._shutdown = True
-        if cancel_futures:  # spawned, not started (gevent drops args once a greenlet ran)
+        if cancel_futures:  # spawned, not started (a greenlet's args are dropped once it
+            # ends; cancelling a started one's first call does nothing)
             calls = [*(call for greenlet in self._greenlets for call in greenlet.args),
                      *self._waiting]  # fmt: skip
             self._waiting.clear()
@@ -885,9 +898,6 @@ def _hub_here() -> Any:
 
         _hub_lookup = get_hub_if_exists
     return _hub_lookup()
-
-
-_DONE = ("FINISHED", "CANCELLED", "CANCELLED_AND_NOTIFIED")  # a Future's states once done
 
 
 class _GeventFuture(_ContextFuture):
@@ -976,7 +986,8 @@ class _ProcessPool(concurrent.futures.ProcessPoolExecutor):
         name = getattr(fn, "__qualname__", "")
         if "<lambda>" in name or "<locals>" in name:
             raise TypeError(_unpicklable(fn, "a lambda or nested function has no importable name"))
-        target: Any = fn  # (no hasattr or getattr with a default: each miss formats an error)
+        target: Any = fn  # (no hasattr, nor getattr of a name most callables lack, such as
+        # __self__: each miss formats an AttributeError's message)
         if "__wrapped__" in getattr(fn, "__dict__", ()):
             target = inspect.unwrap(fn)
         methods: tuple[Any, ...] = (target, fn)

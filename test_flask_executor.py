@@ -1170,6 +1170,8 @@ class TestGevent:
             assert box[0].result(TIMEOUT) == "set by the task"
             assert executor.submit(square, 3).result(TIMEOUT) == 9
         assert "already done, its outcome was dropped" in caplog.text
+        assert "ValueError: then failed" in caplog.text  # with its traceback
+        assert executor._max_workers == 1  # 1.0 code reads it through the executor
 
     def test_task_greenlets_record_no_spawning_stack(self, make_executor):
         import gevent

@@ -8,6 +8,8 @@ doing none, divided by N, for this project and for the raw pool it wraps, side b
 
 - submit: the instructions the caller spends in ``submit`` (thread backend, the pool's
   workers held busy so no task runs), from a request, an app context, and no context;
+- process submit: the same for the process backend against ProcessPoolExecutor, from a
+  request, counting the caller's thread only (the pool's threads wake when they may);
 - whole task: ``submit(int).result()`` one after another on one worker, inside a request,
   all threads and greenlets counted, for the thread and gevent backends; beside ours, the
   raw pool and the floor for any task with an app context (the raw pool running
@@ -64,7 +66,7 @@ def child(where: str, side: str, n: int) -> None:
 
 def process_child(side: str, n: int) -> None:
     """Submit n no-op tasks to a process pool from a request, its 2 workers (and the calls
-    queued for them) held busy: only the web process is counted, its pool threads too."""
+    queued for them) held busy. count() reads this process's main thread only."""
     import concurrent.futures as cf
     import multiprocessing
     import time
