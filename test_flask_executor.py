@@ -5586,8 +5586,10 @@ def test_a_task_that_never_ends_fails_its_test_and_cannot_hang_the_run(tmp_path)
 
         def test_leaves_a_task_running(make_executor):
             app, executor = make_executor()
+            started = threading.Event()  # (else shutdown's cancel_futures may cancel it first)
             with app.app_context():
-                executor.submit(threading.Event().wait)
+                executor.submit(lambda: started.set() or threading.Event().wait())
+                assert started.wait(30)
     """)
     )
     run = subprocess.run(
