@@ -4,6 +4,7 @@ the extension, 1.0 import paths; then gevent, real servers, reliability and data
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures as cf
 import contextlib
 import contextvars
@@ -2066,6 +2067,31 @@ class TestStopRaces:
         app, executor = make_executor(EXECUTOR_TIMEOUT="0.2")  # the watchdog still serves
         with app.app_context(), pytest.raises(flask_executor.TaskTimeout):
             executor.submit(spin, 5).result(TIMEOUT)
+
+    @pytest.mark.parametrize("limit", [{}, {"EXECUTOR_TIMEOUT": "100"}])
+    def test_a_cancel_racing_the_tasks_end_gives_one_outcome(self, make_executor, switch_often,
+                                                            limit):  # fmt: skip
+        """The end of a task's function and a cancel() race for it: whichever claims it
+        first wins, and the future, cancel()'s answer and teardown all tell the same."""
+        app, executor = make_executor(EXECUTOR_MAX_WORKERS=2, **limit)
+        torn = queue.SimpleQueue()
+        app.teardown_appcontext(torn.put)
+        outcomes = collections.Counter()
+        with app.app_context():
+            for n in range(1500):
+                numbers = range(n % 100 * 40)  # tasks of many lengths: the cancel lands
+                future = executor.submit(sum, numbers)  # before, at and after their ends
+                while not (future.running() or future.done()):
+                    pass
+                cancelled = future.cancel()
+                error = torn.get(timeout=TIMEOUT)  # the task's teardown, once it ended
+                if cancelled:
+                    assert future.cancelled() and isinstance(error, cf.CancelledError)
+                else:
+                    assert future.result(TIMEOUT) == sum(numbers) and error is None
+                outcomes[cancelled] += 1
+            assert torn.empty()  # (this test's own context tears down after)
+        assert outcomes[True] and outcomes[False], outcomes  # both sides won some races
 
     def test_stored_outcomes_agree_with_the_submitters_future(self, make_executor, tmp_path):
         store = f"sqlite:///{tmp_path}/f.db"
