@@ -619,6 +619,33 @@ class TestBackends:
         with app.app_context():
             assert executor.submit(worker_pid).result(TIMEOUT) != os.getpid()
 
+    def test_the_process_pool_queues_futures_of_its_own(self, make_executor):
+        """Its submit does CPython's with a future of ours: no Python-level Condition made
+        for each task, no class changed. This fails on a Python whose
+        ProcessPoolExecutor.submit changed; CPython's own then runs (a sixth slower)."""
+        assert flask_executor._OWN_PROCESS_SUBMIT, "ProcessPoolExecutor.submit changed"
+        app, executor = make_executor(EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=1)
+        with app.app_context():
+            future = executor.submit(square, 3)
+            assert not isinstance(future._condition, threading.Condition)
+            assert future.result(TIMEOUT) == 9
+
+    @pytest.mark.parametrize("own", [True, False])
+    def test_process_submits_either_way_run_fail_and_refuse_alike(self, make_executor,
+                                                                  monkeypatch, own):  # fmt: skip
+        monkeypatch.setattr(flask_executor, "_OWN_PROCESS_SUBMIT", own)
+        app, executor = make_executor(EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=1,
+                                      EXECUTOR_TIMEOUT="60")  # fmt: skip
+        with app.app_context():
+            futures = [executor.submit(square, n) for n in range(20)]
+            assert [f.result(TIMEOUT) for f in futures] == [n * n for n in range(20)]
+            failed = executor.submit(fail, "boom")
+            assert str(failed.exception(TIMEOUT)) == "boom"
+            pool = executor._state().pool
+            pool.shutdown(wait=True)
+            with pytest.raises(RuntimeError, match="cannot schedule new futures after shutdown"):
+                pool.submit(square, 2)
+
     def test_custom_backend_registered_by_name(self, make_executor, monkeypatch):
         monkeypatch.setitem(flask_executor.BACKENDS, "named", NamedThreadBackend())
         app, executor = make_executor(EXECUTOR_TYPE="named", EXECUTOR_THREAD_NAME="mail")
