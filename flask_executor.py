@@ -688,7 +688,7 @@ class _ThreadPool(concurrent.futures.ThreadPoolExecutor):
         monkey = sys.modules.get("gevent.monkey")
         self._patched = monkey is not None and monkey.is_module_patched("threading")
         # Its threads hold this, not the pool: dropped (in a cycle too), they are told to end.
-        self._ref = weakref.ref(self, functools.partial(_wake, self._work_queue))
+        self._ref = weakref.ref(self, functools.partial(_end_pool_threads, self._work_queue))
         _POOLS.add(self)
         if not _POOLS.exit_hook:  # (threading's own exit hook, as ThreadPoolExecutor's: it runs
             _POOLS.exit_hook = True  # before the interpreter waits for non-daemon threads)
@@ -744,7 +744,7 @@ def _work(pool_ref: object, work_queue: queue.SimpleQueue[_Call | None], idle: l
     work_queue.put(None)
 
 
-def _wake(work_queue: queue.SimpleQueue[Any], _: object) -> None:
+def _end_pool_threads(work_queue: queue.SimpleQueue[Any], _: object) -> None:
     work_queue.put(None)
 
 
@@ -779,6 +779,8 @@ class _GeventExecutor(concurrent.futures.Executor):
 
     No locks: it is used from the greenlets of one hub, which switch only where they wait."""
 
+    _greenlet: Any = None  # its greenlets' class (made with the first gevent executor)
+
     def __init__(self, max_workers: int | None) -> None:
         import gevent
         import gevent.event
@@ -788,8 +790,10 @@ class _GeventExecutor(concurrent.futures.Executor):
         # Its greenlets do not record the lines of the 10 frames above each spawn (gevent's
         # debugging aid, which it lets a Greenlet class turn off): 17,000 instructions for
         # a task submitted from a view, a sixth of its whole cost.
-        greenlet: Any = type("TaskGreenlet", (gevent.Greenlet,), {"spawning_stack_limit": 0})
-        self._spawn, self._joinall = greenlet.spawn, gevent.joinall
+        if _GeventExecutor._greenlet is None:
+            attrs = {"spawning_stack_limit": 0, "__module__": __name__}
+            _GeventExecutor._greenlet = type("TaskGreenlet", (gevent.Greenlet,), attrs)
+        self._spawn, self._joinall = self._greenlet.spawn, gevent.joinall
         self._max_workers = max_workers
         self._greenlets: dict[Any, Future[Any]] = {}  # spawned, not ended: their first task
         monkey = sys.modules.get("gevent.monkey")  # gevent patches before the app is built
@@ -814,7 +818,7 @@ class _GeventExecutor(concurrent.futures.Executor):
         if (
             self._max_workers is not None
             and len(self._greenlets) >= self._max_workers
-            and self._full()
+            and self._live() >= self._max_workers
         ):
             self._waiting.append(call)
         else:
@@ -827,14 +831,14 @@ class _GeventExecutor(concurrent.futures.Executor):
         future._greenlet = greenlet = self._spawn(self._run, call)
         self._greenlets[greenlet] = future
 
-    def _full(self) -> bool:
-        """Whether max_workers greenlets run, once those killed before they started are
+    def _live(self) -> int:
+        """How many of its greenlets live, once those killed before they started are
         dropped (gevent.killall): each one's task never runs, and its future is cancelled."""
         for greenlet in [g for g in self._greenlets if g.dead]:  # (one that ran is not here)
             future = self._greenlets.pop(greenlet, None)  # (a callback below may switch to
             if future is not None:  # another greenlet, which drops it first)
                 Future.cancel(future)
-        return len(self._greenlets) >= (self._max_workers or 0)
+        return len(self._greenlets)
 
     def _run(self, call: _Call) -> None:
         """A greenlet: its call, then those waiting. Killed (GreenletExit thrown in), it ends
@@ -854,7 +858,7 @@ class _GeventExecutor(concurrent.futures.Executor):
                 self._waiting.appendleft(call)
             # (a task's traceback may keep this frame alive: it must not hold a future)
             future = call = None  # type: ignore[assignment]
-            if self._waiting and not self._full():
+            if self._waiting and self._live() < (self._max_workers or 0):
                 self._start(self._waiting.popleft())
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -872,10 +876,10 @@ class _GeventExecutor(concurrent.futures.Executor):
             for future, _, _, _ in calls:
                 Future.cancel(future)  # pending only, not a running one
         while wait and (self._greenlets or self._waiting):
-            if self._waiting and not self._full():  # (all that ran them were killed)
-                self._start(self._waiting.popleft())
+            if self._waiting and self._live() < (self._max_workers or 0):  # (all that
+                self._start(self._waiting.popleft())  # ran them were killed)
             self._joinall([g for g in self._greenlets if not g.dead])
-            self._full()  # (drops those killed before they started)
+            self._live()  # (drops those killed before they started)
 
 
 def _runs_a_hub() -> bool:
