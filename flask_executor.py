@@ -539,8 +539,9 @@ class _ContextFuture(Future):  # type: ignore[type-arg]
 
     def _timed_out(self, timeout: float | None) -> concurrent.futures.TimeoutError:
         task = _task_name(self._captured.fn) if self._captured else "the task"
+        now = "it goes on running" if self._state == "RUNNING" else "it has not started: queued"
         return concurrent.futures.TimeoutError(
-            f"background task {task} did not finish within {timeout} s (it goes on running)"
+            f"background task {task} did not finish within {timeout} s ({now})"
         )
 
 

@@ -702,6 +702,28 @@ class TestThreadPool:
         assert len(pool._threads) == 3
         assert names == {f"{app.name}-executor_{n}" for n in range(3)}
 
+    @pytest.mark.parametrize("backend", ["thread", "gevent"])
+    def test_a_wait_that_times_out_says_whether_the_task_started(self, make_executor, backend):
+        app, executor = make_executor(EXECUTOR_TYPE=backend, EXECUTOR_MAX_WORKERS=1)
+        if backend == "gevent":
+            gevent_event = pytest.importorskip("gevent.event")
+            release = gevent_event.Event()
+        else:
+            release = threading.Event()
+        with app.app_context():
+            first = executor.submit(release.wait, TIMEOUT)
+            queued = executor.submit(int, 3)
+            deadline = time.monotonic() + TIMEOUT
+            while not first.running() and time.monotonic() < deadline:
+                with contextlib.suppress(cf.TimeoutError):  # (a gevent hub runs meanwhile)
+                    first.exception(0.001)
+            with pytest.raises(cf.TimeoutError, match=r"within 0\.01 s \(it goes on running\)"):
+                first.result(0.01)
+            with pytest.raises(cf.TimeoutError, match=r"within 0\.01 s \(it has not started"):
+                queued.result(0.01)
+            release.set()
+            assert queued.result(TIMEOUT) == 3
+
     def test_waiters_time_out_wake_and_leave_no_cycle(self, make_executor):
         """result() with a timeout, two threads waiting at once, then the outcome: every
         waiter wakes, and the future's lock is freed without the cyclic GC."""
