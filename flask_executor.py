@@ -1530,14 +1530,18 @@ class Executor(concurrent.futures.Executor):
         self, fn: Callable[..., T], *iterables: Iterable[Any], timeout: float | None = None,
         chunksize: int = 1
     ) -> Iterator[T]:  # fmt: skip
-        """Like :meth:`concurrent.futures.Executor.map`; each call gets its own contexts."""
+        """Like :meth:`concurrent.futures.Executor.map`; each call gets its own contexts.
+        Left early (closed, or past its timeout), it cancels the calls not started, as that
+        map does; those running go on (our cancel() would ask them to stop)."""
         if chunksize < 1:
             raise ValueError(f"chunksize must be >= 1, got {chunksize!r}")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        calls = zip(*iterables, strict=False)  # (as map(): the shortest ends it)
         if chunksize == 1:
-            return super().map(fn, *iterables, timeout=timeout)
-        chunks = _chunks(zip(*iterables, strict=False), chunksize)  # as map()
-        results = super().map(_run_chunk, itertools.repeat(fn), chunks, timeout=timeout)
-        return itertools.chain.from_iterable(results)
+            return _in_order([self.submit(fn, *args) for args in calls], deadline)
+        chunks = [self.submit(_run_chunk, fn, chunk) for chunk in _chunks(calls, chunksize)]
+        results: Iterator[T] = _in_order(chunks, deadline, True)
+        return results
 
     def job(self, fn: Callable[..., T]) -> ExecutorJob:
         """Decorator: ``fn.submit(...)``, ``fn.submit_stored(key, ...)``, ``fn.map(...)``."""
@@ -1612,6 +1616,29 @@ def _chunks(items: Iterator[tuple[Any, ...]], size: int) -> Iterator[list[tuple[
 
 def _run_chunk(fn: Task, chunk: list[tuple[Any, ...]]) -> list[Any]:
     return [fn(*args) for args in chunk]
+
+
+def _in_order(
+    futures: list[Future[Any]], deadline: float | None, chunks: bool = False
+) -> Iterator[Any]:
+    """map()'s results, in order (each chunk's, one by one); left early, those not started
+    are cancelled (Future.cancel: a running task is not stopped)."""
+    futures.reverse()  # popped as read: a result is not kept once given
+    try:
+        while futures:
+            future = futures.pop()
+            try:
+                result = future.result(None if deadline is None else deadline - time.monotonic())
+            except BaseException:
+                Future.cancel(future)
+                raise
+            if chunks:
+                yield from result
+            else:
+                yield result
+    finally:
+        for future in futures:
+            Future.cancel(future)
 
 
 class ExecutorJob:

@@ -605,6 +605,35 @@ class TestBackends:
             assert len(done) == 5
             assert sorted(f.result() for f in cf.as_completed(futures, TIMEOUT)) == [0, 1, 4, 9, 16]
 
+    @pytest.mark.parametrize("chunksize", [1, 2])
+    @pytest.mark.parametrize("how", ["abandoned", "timeout"])
+    def test_map_left_early_cancels_only_what_has_not_started(self, make_executor, how,
+                                                              chunksize):  # fmt: skip
+        """As concurrent.futures' map: left early (closed, or past its timeout) it cancels
+        the calls not started; those running go on to their end, not asked to stop."""
+        app, executor = make_executor(EXECUTOR_MAX_WORKERS=1)
+        running, release, asked = threading.Event(), threading.Event(), []
+
+        def call(n: int) -> int:
+            if n == 0:
+                running.set()
+                release.wait(TIMEOUT)
+                asked.append(flask_executor.stop_requested())
+            return n
+
+        with app.app_context():
+            results = executor.map(call, range(6), chunksize=chunksize,
+                                   timeout=0.05 if how == "timeout" else None)  # fmt: skip
+            assert running.wait(TIMEOUT)
+            if how == "timeout":
+                with pytest.raises(cf.TimeoutError):
+                    next(results)
+            else:
+                results.close()
+            release.set()
+            executor.shutdown(wait=True)
+        assert asked == [False]  # the running call was not stopped
+
     @pytest.mark.parametrize("backend", BACKENDS)
     def test_exception_is_returned_through_the_future(self, make_executor, backend):
         app, executor = make_executor(EXECUTOR_TYPE=backend, EXECUTOR_MAX_WORKERS=1)
