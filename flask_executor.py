@@ -1019,6 +1019,17 @@ class _ProcessPool(concurrent.futures.ProcessPoolExecutor):
             _watchdog().add(_Limit(future, started, fn, self._limit))
         return future
 
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """As CPython's, but cancel_futures cancels only the calls not started: CPython's
+        calls cancel() on each call it still holds, and ours asks a running one to stop."""
+        pending = getattr(self, "_pending_work_items", None)  # (CPython's: see _queue)
+        if cancel_futures and type(pending) is dict:
+            with self._shutdown_lock:
+                for item in list(pending.values()):
+                    Future.cancel(item.future)  # (Future's own: False for a running task)
+            cancel_futures = False
+        super().shutdown(wait, cancel_futures=cancel_futures)
+
     def _queue(self, future: Future[Any], args: tuple[Any, ...], kwargs: Any) -> None:
         """Queue a call to _in_fresh_context for the pool's manager thread, as CPython's
         submit does, with a future of ours (see _OWN_PROCESS_SUBMIT)."""

@@ -800,6 +800,22 @@ class TestThreadPool:
         assert running.result(0) is True
         assert all(f.cancelled() for f in queued)
 
+    def test_process_cancel_futures_lets_running_tasks_end(self, make_executor, tmp_path):
+        """As CPython's process pool: shutdown(cancel_futures=True) cancels the calls not
+        started, and a task already running ends with its own outcome, not stopped."""
+        app, executor = make_executor(EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=1)
+        go, started = str(tmp_path / "go"), str(tmp_path / "started")
+        with app.app_context():
+            running = executor.submit(end_when_file_exists, go, started)
+            wait_for(started)
+            queued = [executor.submit(square, n) for n in range(5)]
+            threading.Timer(0.3, Path(go).touch).start()
+            executor.shutdown(wait=True, cancel_futures=True)
+        assert running.result(0) == "finished"
+        # (one call may already sit in the pool's call queue: running, to CPython's pool)
+        assert all(f.cancelled() or f.result(0) == n * n for n, f in enumerate(queued))
+        assert sum(f.cancelled() for f in queued) >= 3
+
     def test_a_pool_dropped_without_shutdown_ends_its_threads(self):
         app = make_app()
         pool = ThreadBackend().create_pool(2, flask_executor.Config(app, ""))
