@@ -1054,7 +1054,7 @@ class _ProcessPool(concurrent.futures.ProcessPoolExecutor):
 # CPython's ProcessPoolExecutor.submit makes a Future with a Python-level Condition, which
 # submit then gives our class: together a sixth of a process submit. Where its submit is the
 # one we know (the same private names, 3.11 to 3.14), _queue does its work with our future;
-# on any other, CPython's own runs (test_the_process_pool_queues_its_own_futures fails).
+# on any other, CPython's own runs (test_the_process_pool_queues_futures_of_its_own fails).
 _process: Any = concurrent.futures.process
 _OWN_PROCESS_SUBMIT = set(concurrent.futures.ProcessPoolExecutor.submit.__code__.co_names) == {
     "BrokenProcessPool", "Future", "RuntimeError", "_WorkItem", "_adjust_process_count",
@@ -1063,7 +1063,8 @@ _OWN_PROCESS_SUBMIT = set(concurrent.futures.ProcessPoolExecutor.submit.__code__
     "_shutdown_lock", "_shutdown_thread", "_start_executor_manager_thread", "_work_ids",
     "put", "wakeup",
 }  # fmt: skip
-_ProcessFuture: type[_ContextFuture] = _unread_class(_ContextFuture)  # failed or not, read or not
+# (watched for an unread exception from the start: the pool may fail it before submit returns)
+_ProcessFuture: type[_ContextFuture] = _unread_class(_ContextFuture)
 
 
 def _refuse_unimportable(fn: Callable[..., Any]) -> None:
