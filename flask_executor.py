@@ -480,6 +480,10 @@ class _ContextFuture(Future):  # type: ignore[type-arg]
         """Stop the task beyond stop_requested(): the gevent pool's (a process task was
         asked in _stop, before its future was made done)."""
 
+    def _limit_callbacks(self) -> None:
+        """Run the callbacks of a future stopped at its limit (gevent's: in its hub)."""
+        self._invoke_callbacks()  # type: ignore[attr-defined]
+
     def set_result(self, result: Any) -> None:
         if self._ask is not None:  # its worker is done with it: free its stop request
             self._ask(self, True)
@@ -926,6 +930,16 @@ class _GeventFuture(_ContextFuture):
         if self._event is not None:  # a greenlet of its hub waits (see _wait)
             self._event.set()
         super()._invoke_callbacks()  # type: ignore[misc]
+
+    def _limit_callbacks(self) -> None:
+        """Stopped at its limit by a thread of the watchdog's: unless gevent patched threads
+        into greenlets, that is not its hub's thread, where its callbacks belong."""
+        hub = self._hub
+        if hub is not None and _os_thread() != hub.thread_ident:
+            with contextlib.suppress(Exception):  # (its loop is gone: here, then)
+                hub.loop.run_callback_threadsafe(self._invoke_callbacks)
+                return
+        self._invoke_callbacks()
 
     def _kill(self) -> None:
         if self._greenlet is not None:  # thrown in from its hub, whichever thread stops it
@@ -1826,7 +1840,7 @@ class _Limit:
             return started + self.limit
         # In a thread of its own: the stop runs done-callbacks, and may write a shared store,
         # neither of which may hold up the other tasks' limits.
-        threading.Thread(target=_stop, args=(future, self.error), daemon=True).start()
+        threading.Thread(target=_stop, args=(future, self.error, True, True), daemon=True).start()
         return None
 
 
@@ -1905,7 +1919,8 @@ class _Shared(NamedTuple):
 _worker_shared = _Shared(None, None, None)
 
 
-def _stop(future: _ContextFuture, error: Callable[[], BaseException], kill: bool = True) -> bool:
+def _stop(future: _ContextFuture, error: Callable[[], BaseException], kill: bool = True,
+          at_limit: bool = False) -> bool:  # fmt: skip
     """Make a running future done with ``error()`` (a CancelledError: cancelled) unless
     its task's function has ended; ask the task to stop, then run the callbacks.
 
@@ -1941,7 +1956,10 @@ def _stop(future: _ContextFuture, error: Callable[[], BaseException], kill: bool
         future._condition.notify_all()
     if kill:
         future._kill()
-    future._invoke_callbacks()  # type: ignore[attr-defined]
+    if at_limit:
+        future._limit_callbacks()
+    else:
+        future._invoke_callbacks()  # type: ignore[attr-defined]
     return True
 
 

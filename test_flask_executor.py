@@ -1252,6 +1252,23 @@ class TestGevent:
             assert isinstance(futures[0].exception(TIMEOUT), gevent.GreenletExit)
             assert all(f.exception(TIMEOUT) is None for f in futures[1:])
 
+    def test_callbacks_of_a_task_stopped_at_its_limit_run_in_its_hubs_thread(self, make_executor):
+        """Unpatched, the watchdog's stop runs in another thread: a callback run there would
+        touch the hub's greenlets and gevent objects from the wrong thread."""
+        import gevent
+
+        app, executor = make_executor(EXECUTOR_TYPE="gevent", EXECUTOR_TIMEOUT="0.1")
+        threads: list[int] = []
+        with app.app_context():
+            future = executor.submit(gevent.sleep, TIMEOUT)
+            future.add_done_callback(lambda _: threads.append(threading.get_ident()))
+            with pytest.raises(flask_executor.TaskTimeout):
+                future.result(TIMEOUT)
+            deadline = time.monotonic() + TIMEOUT
+            while not threads and time.monotonic() < deadline:
+                gevent.sleep(0.001)  # (the hub runs the callback)
+        assert threads == [threading.get_ident()]
+
     def test_a_task_that_completes_its_own_future_then_raises(self, make_executor, caplog):
         app, executor = make_executor(EXECUTOR_TYPE="gevent", EXECUTOR_MAX_WORKERS=1)
         box: list[cf.Future] = []
