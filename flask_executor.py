@@ -227,6 +227,8 @@ class _Task:
 
     def stop(self, error: Callable[[], BaseException]) -> bool:
         """Mark it stopped with ``error``; False if its function ended (or a stop came) first."""
+        if self.claims:  # claimed (stops are one at a time, under the future's lock): a stop
+            return False  # that loses leaves nothing behind, however many come
         self.claims.append(mine := (error,))
         if self.claims[0] is not mine:
             return False
@@ -1012,11 +1014,15 @@ class _ProcessPool(concurrent.futures.ProcessPoolExecutor):
         )
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
-        if (  # what all but a few callables pass, first (the rest: _refuse_unimportable)
-            type(fn) in _METHODS
-            or "<" in getattr(fn, "__qualname__", "")
-            or "__wrapped__" in getattr(fn, "__dict__", ())
-        ):
+        try:  # what all but a few callables pass, first (the rest: _refuse_unimportable)
+            odd = (
+                type(fn) in _METHODS
+                or "<" in getattr(fn, "__qualname__", "")
+                or "__wrapped__" in getattr(fn, "__dict__", ())
+            )
+        except TypeError:  # a __qualname__ or __dict__ of another type
+            odd = True
+        if odd:
             _refuse_unimportable(fn)
         number = next(self._numbers)
         args = (number, self._limit, fn, *args)
@@ -1084,11 +1090,11 @@ _ProcessFuture: type[_ContextFuture] = _unread_class(_ContextFuture)
 def _refuse_unimportable(fn: Callable[..., Any]) -> None:
     """Raise TypeError if ``fn`` cannot reach a worker process, naming why."""
     name = getattr(fn, "__qualname__", "")
-    if "<lambda>" in name or "<locals>" in name:
+    if isinstance(name, str) and ("<lambda>" in name or "<locals>" in name):
         raise TypeError(_unpicklable(fn, "a lambda or nested function has no importable name"))
     target: Any = fn  # (no hasattr, nor getattr of a name most callables lack, such as
     # __self__: each miss formats an AttributeError's message)
-    if "__wrapped__" in getattr(fn, "__dict__", ()):
+    if isinstance(attrs := getattr(fn, "__dict__", None), dict) and "__wrapped__" in attrs:
         target = inspect.unwrap(fn)
     methods: tuple[Any, ...] = (target, fn)
     for method in methods:
@@ -1563,6 +1569,8 @@ class Executor(concurrent.futures.Executor):
             raise ValueError(f"chunksize must be >= 1, got {chunksize!r}")
         deadline = None if timeout is None else time.monotonic() + timeout
         calls = zip(*iterables, strict=False)  # (as map(): the shortest ends it)
+        if chunksize > 1 and isinstance(self._state().pool, _ProcessPool):  # (it checks the
+            _refuse_unimportable(fn)  # callable it runs: _run_chunk, fn only its argument)
         if chunksize == 1:
             return _in_order([self.submit(fn, *args) for args in calls], deadline)
         chunks = [self.submit(_run_chunk, fn, chunk) for chunk in _chunks(calls, chunksize)]

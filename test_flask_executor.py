@@ -2248,6 +2248,21 @@ class TestStopRaces:
         assert future.cancelled() and (box["before"], box["cancel"], box["after"]) == (
             False, True, True)  # fmt: skip
 
+    def test_cancels_after_the_tasks_end_leave_nothing_behind(self, make_executor):
+        """Between a task's end and its future's result (teardown runs there), every
+        cancel() is refused, and none is kept."""
+        app, executor = make_executor(EXECUTOR_MAX_WORKERS=1)
+        tearing, release = threading.Event(), threading.Event()
+        app.teardown_appcontext(lambda _: tearing.set() or release.wait(TIMEOUT))
+        with app.app_context():
+            future = executor.submit(int, 5)
+            assert tearing.wait(TIMEOUT)
+            assert not any(future.cancel() for _ in range(1000))
+            release.set()
+            assert future.result(TIMEOUT) == 5
+            assert len(future._captured.claims) <= 2  # the end's, and at most one stop's
+            tearing.clear()  # (this test's own context tears down next)
+
     def test_cancel_while_the_context_is_being_pushed(self, make_executor):
         from flask.signals import appcontext_pushed
 
@@ -5654,6 +5669,16 @@ class DecoratedApp(Flask):
         return x
 
 
+class OddlyNamed:
+    """A callable whose __qualname__ is no str (an attribute of the instance)."""
+
+    def __init__(self, name: object) -> None:
+        self.__qualname__ = name
+
+    def __call__(self, x: int) -> int:
+        return x + 1
+
+
 # -- misuse: the README's error table, row by row (those not tested above) ----------------
 
 
@@ -5686,6 +5711,19 @@ class TestMisuse:
 
         with app.app_context(), pytest.raises(TypeError, match=r"cannot send .*inner.* nested"):
             executor.submit(inner)
+
+    @pytest.mark.parametrize("name", [5, None])
+    def test_a_callable_whose_qualname_is_no_str_runs(self, make_executor, name):
+        app, executor = make_executor(EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=1)
+        with app.app_context():
+            assert executor.submit(OddlyNamed(name), 1).result(TIMEOUT) == 2
+
+    @pytest.mark.parametrize("chunksize", [1, 3])
+    def test_map_refuses_what_cannot_reach_a_worker_whatever_the_chunks(self, make_executor,
+                                                                         chunksize):  # fmt: skip
+        app, executor = make_executor(EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=1)
+        with app.app_context(), pytest.raises(TypeError, match=r"cannot send .*lambda"):
+            executor.map(lambda x: x, range(6), chunksize=chunksize)
 
     def test_bad_chunksize(self, make_executor):
         app, executor = make_executor()
