@@ -1004,13 +1004,16 @@ class _ProcessPool(concurrent.futures.ProcessPoolExecutor):
         self._limit = limit
         self._numbers = itertools.count(1)  # task numbers; 0 marks a free slot
         self._stops_lock = threading.Lock()  # guards _stops, and each future's _ended
+        if _OWN_PROCESS_SUBMIT:  # its manager thread only takes ids with get(block=False) and
+            self._work_ids: Any = queue.SimpleQueue()  # get_nowait(): a queue.Queue's Python-
+            # level put() and its Condition cost a sixth of a submit
         # The pool pickles calls in its queue's feeder thread and fails the future with the
         # bare pickling error; name the object that failed instead. _on_queue_feeder_error
         # is the hook CPython's process.py has for that (3.9+): if it moves,
         # test_unpicklable_argument_names_the_object fails.
-        queue: Any = self._call_queue  # type: ignore[attr-defined]
-        queue._on_queue_feeder_error = functools.partial(
-            _name_unpicklable, queue._on_queue_feeder_error
+        calls: Any = self._call_queue  # type: ignore[attr-defined]
+        calls._on_queue_feeder_error = functools.partial(
+            _name_unpicklable, calls._on_queue_feeder_error
         )
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
@@ -1072,9 +1075,11 @@ class _ProcessPool(concurrent.futures.ProcessPoolExecutor):
 
 
 # CPython's ProcessPoolExecutor.submit makes a Future with a Python-level Condition, which
-# submit then gives our class: together a sixth of a process submit. Where its submit is the
-# one we know (the same private names, 3.11 to 3.14), _queue does its work with our future;
-# on any other, CPython's own runs (test_the_process_pool_queues_futures_of_its_own fails).
+# submit then gives our class, and puts each work id in a queue.Queue (Python-level too):
+# together a third of a process submit. Where its submit is the one we know (the same
+# private names, 3.11 to 3.14), _queue does its work with our future, and the ids go in a
+# SimpleQueue; on any other, CPython's own runs (then
+# test_the_process_pool_queues_futures_of_its_own fails).
 _process: Any = concurrent.futures.process
 _OWN_PROCESS_SUBMIT = set(concurrent.futures.ProcessPoolExecutor.submit.__code__.co_names) == {
     "BrokenProcessPool", "Future", "RuntimeError", "_WorkItem", "_adjust_process_count",
