@@ -504,9 +504,12 @@ class _ContextFuture(Future):  # type: ignore[type-arg]
         try:
             Future.set_exception(self, exception)
         except concurrent.futures.InvalidStateError:
-            if self._stopped_at is None:
-                raise
-            _late(self)
+            if self._stopped_at is not None:  # stopped first: dropped (and said)
+                _late(self)
+            elif not self.cancelled():  # (a pool that breaks fails every call it holds,
+                raise  # those cancelled too: CPython's does, after shutdown(cancel_futures))
+            elif self._state == "CANCELLED":  # then its waiters (concurrent.futures.wait)
+                self.set_running_or_notify_cancel()  # hear it, as from the pool
         else:
             _watch_unread(self)
 
@@ -937,9 +940,10 @@ class _GeventFuture(_ContextFuture):
         """Stopped at its limit by a thread of the watchdog's: unless gevent patched threads
         into greenlets, that is not its hub's thread, where its callbacks belong."""
         hub = self._hub
-        if hub is not None and _os_thread() != hub.thread_ident:
+        if hub is not None and _os_thread() != hub.thread_ident:  # in a greenlet of its own:
+            spawn = sys.modules["gevent"].spawn_raw  # a callback may wait cooperatively
             with contextlib.suppress(Exception):  # (its loop is gone: here, then)
-                hub.loop.run_callback_threadsafe(self._invoke_callbacks)
+                hub.loop.run_callback_threadsafe(spawn, self._invoke_callbacks)
                 return
         self._invoke_callbacks()
 
@@ -1045,11 +1049,13 @@ class _ProcessPool(concurrent.futures.ProcessPoolExecutor):
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """As CPython's, but cancel_futures cancels only the calls not started: CPython's
         calls cancel() on each call it still holds, and ours asks a running one to stop."""
-        pending = getattr(self, "_pending_work_items", None)  # (CPython's: see _queue)
-        if cancel_futures and type(pending) is dict:
-            with self._shutdown_lock:
-                for item in list(pending.values()):
-                    Future.cancel(item.future)  # (Future's own: False for a running task)
+        if cancel_futures and _OWN_PROCESS_SUBMIT:  # (CPython's private state: see _queue)
+            pool: Any = self
+            with pool._shutdown_lock:
+                pool._shutdown_thread = True  # no submit from now on (nor from a callback)
+                queued = [item.future for item in list(pool._pending_work_items.values())]
+            for future in queued:  # (their callbacks may submit: not under the lock)
+                Future.cancel(future)  # Future's own: False for a running task
             cancel_futures = False
         super().shutdown(wait, cancel_futures=cancel_futures)
 

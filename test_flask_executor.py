@@ -817,6 +817,55 @@ class TestThreadPool:
         assert all(f.cancelled() or f.result(0) == n * n for n, f in enumerate(queued))
         assert sum(f.cancelled() for f in queued) >= 3
 
+    def test_process_cancel_futures_then_a_dead_worker_leaves_every_future_done(
+        self, make_executor, tmp_path, monkeypatch
+    ):
+        """Calls cancelled by shutdown(cancel_futures=True), then a worker dies: the pool
+        breaks, and its manager thread fails the rest without tripping on them."""
+        crashed: list[BaseException] = []
+        monkeypatch.setattr(threading, "excepthook", lambda args: crashed.append(args.exc_value))
+        app, executor = make_executor(EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=1)
+        go, started = str(tmp_path / "go"), str(tmp_path / "started")
+        with app.app_context():
+            running = executor.submit(end_when_file_exists, go, started)
+            wait_for(started)
+            queued = [executor.submit(square, n) for n in range(6)]
+            wait_until(queued[1].running)  # the pool's call queue is full: the rest wait
+            worker = next(iter(executor._state().pool._processes))
+            executor.shutdown(wait=False, cancel_futures=True)
+            os.kill(worker, signal.SIGKILL)
+            _, pending = cf.wait([running, *queued], timeout=TIMEOUT)
+        assert not pending and not crashed
+        assert isinstance(running.exception(0), cf.process.BrokenProcessPool)
+
+    def test_process_cancel_futures_callbacks_may_submit(self, make_executor, tmp_path):
+        """The cancelled calls' callbacks run outside the pool's lock: one that submits is
+        refused (the pool is shutting down), as on the thread backend."""
+        app, executor = make_executor(EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=1)
+        go, started = str(tmp_path / "go"), str(tmp_path / "started")
+        refused: list[str] = []
+
+        def follow_up(_: cf.Future) -> None:
+            try:
+                executor.submit(square, 2)
+            except RuntimeError as exc:
+                refused.append(str(exc))
+
+        with app.app_context():
+            running = executor.submit(end_when_file_exists, go, started)
+            wait_for(started)
+            queued = [executor.submit(square, n) for n in range(4)]
+            for future in queued:
+                future.add_done_callback(follow_up)
+            threading.Timer(0.3, Path(go).touch).start()
+            stopper = threading.Thread(target=executor.shutdown, args=(True,),
+                                       kwargs={"cancel_futures": True})  # fmt: skip
+            stopper.start()
+            stopper.join(TIMEOUT)
+            assert not stopper.is_alive(), "shutdown(cancel_futures=True) deadlocked"
+        assert running.result(0) == "finished"
+        assert refused and all("after shutdown" in text for text in refused)
+
     def test_a_pool_dropped_without_shutdown_ends_its_threads(self):
         app = make_app()
         pool = ThreadBackend().create_pool(2, flask_executor.Config(app, ""))
@@ -1260,9 +1309,14 @@ class TestGevent:
 
         app, executor = make_executor(EXECUTOR_TYPE="gevent", EXECUTOR_TIMEOUT="0.1")
         threads: list[int] = []
+
+        def callback(_: cf.Future) -> None:
+            gevent.sleep(0.001)  # a callback may wait cooperatively: it runs in a greenlet
+            threads.append(threading.get_ident())
+
         with app.app_context():
             future = executor.submit(gevent.sleep, TIMEOUT)
-            future.add_done_callback(lambda _: threads.append(threading.get_ident()))
+            future.add_done_callback(callback)
             with pytest.raises(flask_executor.TaskTimeout):
                 future.result(TIMEOUT)
             deadline = time.monotonic() + TIMEOUT
