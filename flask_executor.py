@@ -248,7 +248,8 @@ class _Task:
 
     def unstop(self) -> None:
         """Undo a stop that claimed it but was refused (see _gated: its row holds another
-        outcome, which stands): it runs on as if its end had claimed it, so no stop can."""
+        outcome, which stands): it runs on as if its end had claimed it, so no stop can. (If
+        its function ended while the stop was being stored, it has raised the stop already.)"""
         self.stopped = None
         self.claims[0] = None
 
@@ -506,8 +507,8 @@ class _ContextFuture(Future):  # type: ignore[type-arg]
         except concurrent.futures.InvalidStateError:
             if self._stopped_at is not None:  # stopped first: dropped (and said)
                 _late(self)
-            elif not self.cancelled():  # (a pool that breaks fails every call it holds,
-                raise  # those cancelled too: CPython's does, after shutdown(cancel_futures))
+            elif not self.cancelled():  # (a process pool that breaks fails every call it
+                raise  # holds; _ProcessPool.shutdown leaves cancelled ones among them)
             elif self._state == "CANCELLED":  # then its waiters (concurrent.futures.wait)
                 self.set_running_or_notify_cancel()  # hear it, as from the pool
         else:
@@ -529,7 +530,7 @@ class _ContextFuture(Future):  # type: ignore[type-arg]
         elif state in _DONE:
             error = concurrent.futures.CancelledError()
         else:
-            error = self._timed_out(timeout)
+            error = self._timed_out(timeout, state)
         del self  # the raise puts this frame in the traceback that the future holds:
         try:  # without self in it, no cycle keeps the future alive
             raise error  # type: ignore[misc]  # (FINISHED and not a result: an exception)
@@ -542,13 +543,13 @@ class _ContextFuture(Future):  # type: ignore[type-arg]
         try:
             exception = Future.exception(self, timeout)
         except concurrent.futures.TimeoutError:
-            raise self._timed_out(timeout) from None
+            raise self._timed_out(timeout, self._state) from None
         self._retrieved = True
         return exception
 
-    def _timed_out(self, timeout: float | None) -> concurrent.futures.TimeoutError:
+    def _timed_out(self, timeout: float | None, state: str) -> concurrent.futures.TimeoutError:
         task = _task_name(self._captured.fn) if self._captured else "the task"
-        now = "it goes on running" if self._state == "RUNNING" else "it has not started: queued"
+        now = "it has not started: queued" if state == "PENDING" else "it goes on running"
         return concurrent.futures.TimeoutError(
             f"background task {task} did not finish within {timeout} s ({now})"
         )
@@ -789,7 +790,7 @@ class _GeventExecutor(concurrent.futures.Executor):
 
     No locks: it is used from the greenlets of one hub, which switch only where they wait."""
 
-    _greenlet: Any = None  # its greenlets' class (made with the first gevent executor)
+    _greenlet_class: Any = None  # its greenlets' class (made with the first gevent executor)
 
     def __init__(self, max_workers: int | None) -> None:
         import gevent
@@ -800,10 +801,10 @@ class _GeventExecutor(concurrent.futures.Executor):
         # Its greenlets do not record the lines of the 10 frames above each spawn (gevent's
         # debugging aid, which it lets a Greenlet class turn off): 17,000 instructions for
         # a task submitted from a view, a sixth of its whole cost.
-        if _GeventExecutor._greenlet is None:
+        if _GeventExecutor._greenlet_class is None:
             attrs = {"spawning_stack_limit": 0, "__module__": __name__}
-            _GeventExecutor._greenlet = type("TaskGreenlet", (gevent.Greenlet,), attrs)
-        self._spawn, self._joinall = self._greenlet.spawn, gevent.joinall
+            _GeventExecutor._greenlet_class = type("TaskGreenlet", (gevent.Greenlet,), attrs)
+        self._spawn, self._joinall = self._greenlet_class.spawn, gevent.joinall
         self._max_workers = max_workers
         self._greenlets: dict[Any, Future[Any]] = {}  # spawned, not ended: their first task
         monkey = sys.modules.get("gevent.monkey")  # gevent patches before the app is built
@@ -949,7 +950,8 @@ class _GeventFuture(_ContextFuture):
 
     def _kill(self) -> None:
         if self._greenlet is not None:  # thrown in from its hub, whichever thread stops it
-            self._hub.loop.run_callback_threadsafe(self._throw)
+            with contextlib.suppress(Exception):  # (its loop is gone: nothing runs it)
+                self._hub.loop.run_callback_threadsafe(self._throw)
 
     def _throw(self) -> None:
         """In the hub: the greenlet waits at a switch. Only inside the task's function."""
@@ -967,7 +969,7 @@ class _GeventFuture(_ContextFuture):
             if self._state in _DONE:  # the state is set: done meanwhile, it found no event
                 return
         if not self._event.wait(timeout):
-            raise self._timed_out(timeout)
+            raise self._timed_out(timeout, self._state)
 
 
 class ProcessBackend(Backend):
@@ -1008,9 +1010,10 @@ class _ProcessPool(concurrent.futures.ProcessPoolExecutor):
         self._limit = limit
         self._numbers = itertools.count(1)  # task numbers; 0 marks a free slot
         self._stops_lock = threading.Lock()  # guards _stops, and each future's _ended
-        if _OWN_PROCESS_SUBMIT:  # its manager thread only takes ids with get(block=False) and
-            self._work_ids: Any = queue.SimpleQueue()  # get_nowait(): a queue.Queue's Python-
-            # level put() and its Condition cost a sixth of a submit
+        if _KNOWN_PROCESS_POOL:  # (see there)
+            self._work_ids: Any = queue.SimpleQueue()
+        monkey = sys.modules.get("gevent.monkey")  # (its futures' locks: see _ContextFuture)
+        self._patched = monkey is not None and monkey.is_module_patched("threading")
         # The pool pickles calls in its queue's feeder thread and fails the future with the
         # bare pickling error; name the object that failed instead. _on_queue_feeder_error
         # is the hook CPython's process.py has for that (3.9+): if it moves,
@@ -1033,8 +1036,8 @@ class _ProcessPool(concurrent.futures.ProcessPoolExecutor):
             _refuse_unimportable(fn)
         number = next(self._numbers)
         args = (number, self._limit, fn, *args)
-        if _OWN_PROCESS_SUBMIT:
-            future = _ProcessFuture()
+        if _KNOWN_PROCESS_POOL:
+            future = _ProcessFuture(self._patched)
             self._queue(future, args, kwargs)
         else:  # its outcome may come back before the class changes: watched for at once
             plain: Any = super().submit(_in_fresh_context, *args, **kwargs)
@@ -1048,9 +1051,10 @@ class _ProcessPool(concurrent.futures.ProcessPoolExecutor):
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """As CPython's, but cancel_futures cancels only the calls not started: CPython's
-        calls cancel() on each call it still holds, and ours asks a running one to stop."""
-        if cancel_futures and _OWN_PROCESS_SUBMIT:  # (CPython's private state: see _queue)
-            pool: Any = self
+        calls cancel() on each call it still holds, and ours asks a running one to stop. (Its
+        manager may hand a few more calls to the workers meanwhile: those run.)"""
+        pool: Any = self  # (CPython's private state, the same names from 3.8 to 3.14)
+        if cancel_futures and type(getattr(pool, "_pending_work_items", None)) is dict:
             with pool._shutdown_lock:
                 pool._shutdown_thread = True  # no submit from now on (nor from a callback)
                 queued = [item.future for item in list(pool._pending_work_items.values())]
@@ -1061,7 +1065,7 @@ class _ProcessPool(concurrent.futures.ProcessPoolExecutor):
 
     def _queue(self, future: Future[Any], args: tuple[Any, ...], kwargs: Any) -> None:
         """Queue a call to _in_fresh_context for the pool's manager thread, as CPython's
-        submit does, with a future of ours (see _OWN_PROCESS_SUBMIT)."""
+        submit does, with a future of ours (see _KNOWN_PROCESS_POOL)."""
         pool: Any = self  # (CPython's private state: typeshed does not declare it)
         with pool._shutdown_lock:
             if pool._broken:
@@ -1082,18 +1086,28 @@ class _ProcessPool(concurrent.futures.ProcessPoolExecutor):
 
 # CPython's ProcessPoolExecutor.submit makes a Future with a Python-level Condition, which
 # submit then gives our class, and puts each work id in a queue.Queue (Python-level too):
-# together a third of a process submit. Where its submit is the one we know (the same
-# private names, 3.11 to 3.14), _queue does its work with our future, and the ids go in a
-# SimpleQueue; on any other, CPython's own runs (then
-# test_the_process_pool_queues_futures_of_its_own fails).
+# together a third of a process submit. Where its pool is the one we know (its submit, and
+# the manager thread's two methods that take work ids, use the same names, 3.11 to 3.14),
+# _queue does submit's work with our future, and the ids go in a SimpleQueue (the manager
+# takes them only with get(block=False) and get_nowait()); on any other, CPython's own
+# submit runs (then test_the_process_pool_queues_futures_of_its_own fails).
 _process: Any = concurrent.futures.process
-_OWN_PROCESS_SUBMIT = set(concurrent.futures.ProcessPoolExecutor.submit.__code__.co_names) == {
-    "BrokenProcessPool", "Future", "RuntimeError", "_WorkItem", "_adjust_process_count",
-    "_base", "_broken", "_executor_manager_thread_wakeup", "_global_shutdown",
-    "_pending_work_items", "_queue_count", "_safe_to_dynamically_spawn_children",
-    "_shutdown_lock", "_shutdown_thread", "_start_executor_manager_thread", "_work_ids",
-    "put", "wakeup",
-}  # fmt: skip
+_KNOWN_PROCESS_POOL = [
+    set(method.__code__.co_names)
+    for method in (concurrent.futures.ProcessPoolExecutor.submit,
+                   _process._ExecutorManagerThread.add_call_item_to_queue,
+                   _process._ExecutorManagerThread.flag_executor_shutting_down)
+] == [
+    {"BrokenProcessPool", "Future", "RuntimeError", "_WorkItem", "_adjust_process_count",
+     "_base", "_broken", "_executor_manager_thread_wakeup", "_global_shutdown",
+     "_pending_work_items", "_queue_count", "_safe_to_dynamically_spawn_children",
+     "_shutdown_lock", "_shutdown_thread", "_start_executor_manager_thread", "_work_ids",
+     "put", "wakeup"},
+    {"Empty", "_CallItem", "args", "call_queue", "fn", "full", "future", "get", "kwargs",
+     "pending_work_items", "put", "queue", "set_running_or_notify_cancel", "work_ids_queue"},
+    {"Empty", "_cancel_pending_futures", "_shutdown_thread", "cancel", "executor_reference",
+     "future", "get_nowait", "items", "pending_work_items", "queue", "work_ids_queue"},
+]  # fmt: skip
 # (watched for an unread exception from the start: the pool may fail it before submit returns)
 _ProcessFuture: type[_ContextFuture] = _unread_class(_ContextFuture)
 
@@ -1975,10 +1989,7 @@ def _stop(future: _ContextFuture, error: Callable[[], BaseException], kill: bool
         future._condition.notify_all()
     if kill:
         future._kill()
-    if at_limit:
-        future._limit_callbacks()
-    else:
-        future._invoke_callbacks()  # type: ignore[attr-defined]
+    (future._limit_callbacks if at_limit else future._invoke_callbacks)()  # type: ignore[attr-defined]
     return True
 
 
