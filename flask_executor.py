@@ -225,14 +225,16 @@ class _Task:
         limit, started = self.limit, self.started
         return limit is not None and started is not None and time.monotonic() >= started + limit
 
-    def stop(self, error: Callable[[], BaseException]) -> bool:
-        """Mark it stopped with ``error``; False if its function ended (or a stop came) first."""
+    def stop(self, error: Callable[[], BaseException], ask: bool = True) -> bool:
+        """Claim it for a stop with ``error``, and ask it to stop (or, not ``ask``, once the
+        stop stands: see _gated); False if its function ended (or a stop came) first."""
         if self.claims:  # claimed (stops are one at a time, under the future's lock): a stop
             return False  # that loses leaves nothing behind, however many come
         self.claims.append(mine := (error,))
         if self.claims[0] is not mine:
             return False
-        self.stopped = error
+        if ask:
+            self.stopped = error
         return True
 
     def finish(self) -> BaseException | None:
@@ -1966,11 +1968,11 @@ def _stop(future: _ContextFuture, error: Callable[[], BaseException], kill: bool
         ask = future._ask if kill else None  # a process task's: asked once the stop stands
         if ask is not None and not ask(future, False, False):
             return False  # its function has returned: its outcome stands
-        if task is not None and kill and not task.stop(error):
+        if task is not None and kill and not task.stop(error, future._gate is None):
             return future.cancelled()
         exc = error()
         if future._gate is not None and kill:
-            gated = _gated(future._gate, task, exc)
+            gated = _gated(future._gate, task, exc, error)
             if gated is None:
                 return False
             exc = gated
@@ -1994,16 +1996,20 @@ def _stop(future: _ContextFuture, error: Callable[[], BaseException], kill: bool
 
 
 def _gated(gate: Callable[[BaseException], BaseException | None], task: _Task | None,
-           exc: BaseException) -> BaseException | None:  # fmt: skip
-    """A stored task's stop, stored before its future shows it: the error to show, or None
-    if the row holds another outcome (that one stands, and the task runs on, unasked)."""
+           exc: BaseException,
+           error: Callable[[], BaseException]) -> BaseException | None:  # fmt: skip
+    """A stored task's stop, stored before its future shows it (and before its task is
+    asked): the error to show, or None if the row holds another outcome (that one stands,
+    and the task runs on, unasked)."""
     holding = _holding.set(True)  # the store's waits must not let the task greenlet into
     try:  # the future's lock, held by _stop (a gevent future's lock is the thread's)
         shown = gate(exc)
     finally:
         _holding.reset(holding)
-    if shown is None and task is not None:
+    if task is not None and shown is None:
         task.unstop()
+    elif task is not None:  # it stands: the task is asked now
+        task.stopped = error
     return shown
 
 

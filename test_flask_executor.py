@@ -3825,7 +3825,16 @@ class TestStoreProbes:
             data = flask_executor._outcome(until_file_or_stopped, lost)
             assert executor.futures.store.finish(token, executor.futures.signer.sign(
                 "k", token, data), 30)  # fmt: skip
+            gate, asked = future._gate, []
+
+            def gate_then_look(exc: BaseException) -> BaseException | None:
+                shown = gate(exc)  # while the store decides, the task is not asked yet
+                asked.append(future._captured.stopped is not None)
+                return shown
+
+            future._gate = gate_then_look
             assert future.cancel() is False
+            assert asked == [False]
             (tmp_path / "go").touch()
             with pytest.raises(cf.BrokenExecutor, match="as a reader elsewhere saw it"):
                 future.result(TIMEOUT)
