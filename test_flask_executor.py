@@ -82,6 +82,16 @@ def die() -> None:
     os._exit(3)
 
 
+def busy_process_executor(make_executor, tmp_path):
+    """A process executor of one worker, busy with a task that finishes once ``go`` exists."""
+    app, executor = make_executor(EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=1)
+    go, started = str(tmp_path / "go"), str(tmp_path / "started")
+    with app.app_context():
+        running = executor.submit(end_when_file_exists, go, started)
+    wait_for(started)
+    return app, executor, running, go
+
+
 def wait_for(path: str, timeout: float = TIMEOUT) -> str:
     """Block (in a worker process) until a file exists: an event across processes."""
     deadline = time.monotonic() + timeout
@@ -813,11 +823,8 @@ class TestThreadPool:
         """As CPython's process pool: shutdown(cancel_futures=True) cancels the calls not
         started, and a task already running ends with its own outcome, not stopped."""
         monkeypatch.setattr(flask_executor, "_KNOWN_PROCESS_POOL", known)
-        app, executor = make_executor(EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=1)
-        go, started = str(tmp_path / "go"), str(tmp_path / "started")
+        app, executor, running, go = busy_process_executor(make_executor, tmp_path)
         with app.app_context():
-            running = executor.submit(end_when_file_exists, go, started)
-            wait_for(started)
             queued = [executor.submit(square, n) for n in range(5)]
             threading.Timer(0.3, Path(go).touch).start()
             executor.shutdown(wait=True, cancel_futures=True)
@@ -834,11 +841,8 @@ class TestThreadPool:
         breaks, and its manager thread fails the rest without tripping on them."""
         crashed: list[BaseException] = []
         monkeypatch.setattr(threading, "excepthook", lambda args: crashed.append(args.exc_value))
-        app, executor = make_executor(EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=1)
-        go, started = str(tmp_path / "go"), str(tmp_path / "started")
+        app, executor, running, _ = busy_process_executor(make_executor, tmp_path)
         with app.app_context():
-            running = executor.submit(end_when_file_exists, go, started)
-            wait_for(started)
             queued = [executor.submit(square, n) for n in range(6)]
             wait_until(queued[1].running)  # the pool's call queue is full: the rest wait
             worker = next(iter(executor._state().pool._processes))
@@ -851,8 +855,7 @@ class TestThreadPool:
     def test_process_cancel_futures_callbacks_may_submit(self, make_executor, tmp_path):
         """The cancelled calls' callbacks run outside the pool's lock: one that submits is
         refused (the pool is shutting down), as on the thread backend."""
-        app, executor = make_executor(EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=1)
-        go, started = str(tmp_path / "go"), str(tmp_path / "started")
+        app, executor, running, go = busy_process_executor(make_executor, tmp_path)
         refused: list[str] = []
 
         def follow_up(_: cf.Future) -> None:
@@ -862,8 +865,6 @@ class TestThreadPool:
                 refused.append(str(exc))
 
         with app.app_context():
-            running = executor.submit(end_when_file_exists, go, started)
-            wait_for(started)
             queued = [executor.submit(square, n) for n in range(4)]
             for future in queued:
                 future.add_done_callback(follow_up)
