@@ -1108,6 +1108,14 @@ def run_script(script: str, timeout: float = 120, **env: str) -> subprocess.Comp
     )
 
 
+def sleep_then_current(seconds: float) -> object:
+    """Sleep cooperatively, then say which greenlet ran the task."""
+    import gevent
+
+    gevent.sleep(seconds)
+    return gevent.getcurrent()
+
+
 class TestGevent:
     @pytest.fixture(autouse=True)
     def _gevent(self):
@@ -1305,13 +1313,14 @@ class TestGevent:
 
         app, executor = make_executor(EXECUTOR_TYPE="gevent", EXECUTOR_MAX_WORKERS=1)
         with app.app_context():
-            futures = [executor.submit(gevent.sleep, 0.2) for _ in range(6)]
+            futures = [executor.submit(sleep_then_current, 0.2) for _ in range(6)]
             gevent.sleep(0.05)
+            killed = futures[0]._greenlet
             started = time.monotonic()
-            futures[0]._greenlet.kill()  # waits until it is dead
-            assert time.monotonic() - started < 0.15  # (not the queue's 1 s)
+            killed.kill()  # waits until it is dead
+            assert time.monotonic() - started < 0.6  # (not the queue's 1 s: 5 tasks of 0.2 s)
             assert isinstance(futures[0].exception(TIMEOUT), gevent.GreenletExit)
-            assert all(f.exception(TIMEOUT) is None for f in futures[1:])
+            assert all(f.result(TIMEOUT) is not killed for f in futures[1:])  # run elsewhere
 
     def test_callbacks_of_a_task_stopped_at_its_limit_run_in_its_hubs_thread(self, make_executor):
         """Unpatched, the watchdog's stop runs in another thread: a callback run there would
@@ -2016,9 +2025,11 @@ class TestTimeLimits:
         app, executor = limited(make_executor, backend, EXECUTOR_TIMEOUT="0.5",
                                 EXECUTOR_MAX_WORKERS=1)  # fmt: skip
         with app.app_context():
-            first = executor.submit(nap, 0.3)
-            second = executor.submit(nap, 0.3)  # queued 0.3 s: 0.6 s after submit, 0.3 s run
-            assert first.result(TIMEOUT) is None and second.result(TIMEOUT) is None
+            first = executor.submit(nap, 10)  # stopped at its limit, 0.5 s after it started
+            second = executor.submit(nap, 0.05)  # queued 0.5 s: out of time if counted from submit
+            with pytest.raises(flask_executor.TaskTimeout):
+                first.result(TIMEOUT)
+            assert second.result(TIMEOUT) is None
 
     @pytest.mark.parametrize("backend", STOPPABLE)
     def test_teardown_runs_once_after_the_stop_sees_it_and_is_not_interrupted(
@@ -3323,16 +3334,16 @@ class TestSharedStores:
         import redis
 
         redis.Redis.from_url(redis_server).flushall()
-        store = flask_executor.RedisStore(redis_server, "lease-test", lease=0.5)
+        store = flask_executor.RedisStore(redis_server, "lease-test", lease=1.0)
         app = make_app(EXECUTOR_FUTURES_STORE=store)
         executor = Executor(app)
         elsewhere = "another-host/another-boot/4242:1"
         with app.app_context():
             assert store.claim("s:remote", "t1", elsewhere, "their.task", None, None) == []
-            for _ in range(3):  # its lease is renewed: still alive after several lease times
+            for _ in range(3):  # its lease is renewed: still alive after more than a lease
                 time.sleep(0.5)
                 assert executor.futures.done("remote") is False
-            del flask_executor._RENEWING[os.getpid(), redis_server, elsewhere, 0.5]  # gone
+            del flask_executor._RENEWING[os.getpid(), redis_server, elsewhere, 1.0]  # gone
             wait_until(lambda: executor.futures.done("remote"), timeout=5)
             with pytest.raises(cf.BrokenExecutor, match=r"another-host.* their\.task is gone"):
                 executor.futures.result("remote")
@@ -3905,7 +3916,7 @@ class TestStoreProbes:
         short = flask_executor.RedisStore(redis_server, "lease-short", lease=1.5)
         long.claim("s:x", "t-long", owner, "t", None, None)
         short.claim("s:y", "t-short", owner, "t", None, None)
-        away = flask_executor.RedisStore(redis_server, "lease-away", lease=0.6)
+        away = flask_executor.RedisStore(redis_server, "lease-away", lease=1.2)
         away._renew = lambda owner: fail("Redis is away")  # its first claim fails
         with pytest.raises(ValueError, match="Redis is away"):
             away.claim("s:a", "t-away", late, "t", None, None)
