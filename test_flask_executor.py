@@ -812,7 +812,12 @@ class TestThreadPool:
             running = executor.submit(hold)
             assert started.wait(TIMEOUT)
             queued = [executor.submit(square, n) for n in range(5)]
-            threading.Timer(0.05, release.set).start()
+
+            def release_once_cancelled() -> None:
+                wait_until(lambda: all(f.cancelled() for f in queued))
+                release.set()
+
+            threading.Thread(target=release_once_cancelled).start()
             executor.shutdown(wait=True, cancel_futures=True)
         assert running.result(0) is True
         assert all(f.cancelled() for f in queued)
